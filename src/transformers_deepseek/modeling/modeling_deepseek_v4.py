@@ -1,0 +1,701 @@
+"""DeepSeek-V4 for transformers, computing what the official ``inference/model.py`` computes (SPEC §4-§7).
+
+Module attribute paths are the released tensor names (``layers.3.attn.wq_a.weight``, ``hc_head_fn``,
+``mtp.0.e_proj.weight``, ...), so a released checkpoint loads with no renaming and ``save_pretrained`` writes the
+released layout. Dtypes follow the official model: bf16 linears (or quantized modules swapped in by the quantizer),
+fp32 norms / hyper-connection mixers / compressor projections / attention sinks / head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_deepseek_v4 import DeepseekV4Config
+from .numerics import apply_rope, fp4_simulate, fp8_simulate, hadamard_rotate, rope_cis, yarn_inv_freq
+
+# Official kernel constants (SPEC §5-§6).
+KV_FP8_BLOCK = 64
+INDEXER_FP4_BLOCK = 32
+ATTN_INDEX_BLOCK = 64  # sparse_attn walks the index list in blocks of 64 with an online softmax
+_QUERY_CHUNK_ELEMS = 1 << 26  # bound on gathered-KV elements materialised per attention / indexer chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+class DeepseekV4RMSNorm(nn.Module):
+    """RMSNorm in fp32 with an fp32 weight, cast back to the input dtype (SPEC §4)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(dtype)
+
+
+def _linear(in_features: int, out_features: int, dtype: torch.dtype | None = None) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
+
+
+def sinkhorn_split(
+    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hc_split_sinkhorn`` (SPEC §6): mixes ``[B,S,(2+hc)hc]`` fp32 -> pre ``[B,S,hc]``, post, comb ``[B,S,hc,hc]``."""
+    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    comb = mixes[..., 2 * hc :].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mixing logits of the flattened streams: ``F.linear(x, fn) * rsqrt(mean(x^2) + eps)`` in fp32 (SPEC §4)."""
+    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return F.linear(x, fn) * rsqrt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention pieces
+# ---------------------------------------------------------------------------------------------------------------
+def window_indices(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Key positions each query sees in its sliding window, oldest first, ``-1`` padded: ``[B, S, min(S_max, win)]``.
+
+    ``positions`` are absolute query positions ``[B, S]``; keys are addressed by absolute position as well.
+    """
+    width = min(window, int(positions.max().item()) + 1)
+    # Official prefill order (SPEC §4): max(0, t-win+1) .. t, then -1 padding for rows shorter than the window.
+    first = (positions - window + 1).clamp(min=0).unsqueeze(-1)
+    keys = first + torch.arange(width, device=positions.device)
+    return torch.where(keys > positions.unsqueeze(-1), -1, keys)
+
+
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, indices: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The official ``sparse_attn`` (SPEC §6) as a gather over ``indices``.
+
+    q ``[B,S,H,D]`` bf16, kv ``[B,N,D]`` bf16 (K = V), sink ``[H]`` fp32, indices ``[B,S,K]`` (``-1`` = empty slot).
+    Logits in fp32; an online softmax over blocks of 64 indices whose probabilities are rounded to bf16 for P.V
+    (fp32 accumulation) while the denominator keeps fp32 P; the sink joins the denominator only. Output bf16.
+    """
+    bsz, seqlen, heads, dim = q.shape
+    k_total = indices.shape[-1]
+    chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * k_total * dim))
+    flat_kv = kv.reshape(-1, dim)
+    base = (torch.arange(bsz, device=kv.device) * kv.shape[1]).view(bsz, 1, 1)
+    outs = []
+    for s0 in range(0, seqlen, chunk):
+        idx = indices[:, s0 : s0 + chunk]
+        valid = idx >= 0  # [B, s, K]
+        gathered = flat_kv[(idx.clamp(min=0) + base)].float()  # [B, s, K, D]
+        qs = q[:, s0 : s0 + chunk].float()  # [B, s, H, D]
+        logits = torch.einsum("bshd,bskd->bshk", qs, gathered) * scale
+        logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        running_max = acc = denom = None
+        for k0 in range(0, k_total, ATTN_INDEX_BLOCK):
+            block = logits[..., k0 : k0 + ATTN_INDEX_BLOCK]
+            values = gathered[:, :, k0 : k0 + ATTN_INDEX_BLOCK]
+            block_max = block.amax(-1)
+            if running_max is None:
+                new_max = block_max
+            else:
+                new_max = torch.maximum(running_max, block_max)
+            p = torch.exp(block - new_max.unsqueeze(-1))
+            pv = torch.einsum("bshk,bskd->bshd", p.to(torch.bfloat16).float(), values)
+            if running_max is None:
+                acc, denom = pv, p.sum(-1)
+            else:
+                alpha = torch.exp(running_max - new_max)
+                acc = acc * alpha.unsqueeze(-1) + pv
+                denom = denom * alpha + p.sum(-1)
+            running_max = new_max
+        denom = denom + torch.exp(sink.float().view(1, 1, heads) - running_max)
+        outs.append((acc / denom.unsqueeze(-1)).to(q.dtype))
+    return torch.cat(outs, dim=1)
+
+
+class DeepseekV4Compressor(nn.Module):
+    """Gated pooling of every ``ratio`` consecutive positions into one KV entry (SPEC §4).
+
+    Ratio 4 overlaps: entry i pools the first-half channels of block i-1 and the second-half channels of block i.
+    Projections, softmax and pooling run in fp32; the pooled entry is cast to bf16, normalised, rotated at the
+    position of its block's first token, then FP8-simulated (main compressor) or Hadamard-rotated and
+    FP4-simulated (indexer compressor).
+    """
+
+    def __init__(self, config: DeepseekV4Config, ratio: int, head_dim: int, rotate: bool) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.head_dim = head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.overlap = ratio == 4
+        self.rotate = rotate
+        width = (2 if self.overlap else 1) * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
+        self.wkv = _linear(config.hidden_size, width, dtype=torch.float32)
+        self.wgate = _linear(config.hidden_size, width, dtype=torch.float32)
+        self.norm = DeepseekV4RMSNorm(head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Compressed entries for a prefill starting at position 0: ``x [B,S,dim]`` -> ``[B, S // ratio, head_dim]``."""
+        bsz, seqlen, _ = x.shape
+        ratio, d = self.ratio, self.head_dim
+        n_entries = seqlen // ratio
+        xf = x.float()
+        cutoff = n_entries * ratio
+        kv = F.linear(xf[:, :cutoff], self.wkv.weight.float()).unflatten(1, (n_entries, ratio))  # [B, n, r, w]
+        score = F.linear(xf[:, :cutoff], self.wgate.weight.float()).unflatten(1, (n_entries, ratio)) + self.ape
+        if self.overlap:
+            kv = self._overlap(kv, 0.0)
+            score = self._overlap(score, float("-inf"))
+        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, n, d] fp32
+        return self.finish(pooled.to(x.dtype), torch.arange(n_entries, device=x.device) * ratio, inv_freq)
+
+    def _overlap(self, t: torch.Tensor, fill: float) -> torch.Tensor:
+        # [B, n, r, 2d] -> [B, n, 2r, d]: previous block's first half, then this block's second half.
+        b, n, r, _ = t.shape
+        d = self.head_dim
+        out = t.new_full((b, n, 2 * r, d), fill)
+        out[:, :, r:] = t[..., d:]
+        out[:, 1:, :r] = t[:, :-1, :, :d]
+        return out
+
+    def finish(self, pooled: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Norm, RoPE at ``positions [n]`` and the low-precision simulation of pooled bf16 entries ``[B, n, d]``."""
+        kv = self.norm(pooled)
+        rd = self.rope_dim
+        rope = apply_rope(kv[..., -rd:], rope_cis(inv_freq, positions).unsqueeze(0))
+        if self.rotate:
+            kv = torch.cat([kv[..., :-rd], rope], dim=-1)
+            return fp4_simulate(hadamard_rotate(kv), INDEXER_FP4_BLOCK)
+        return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), rope], dim=-1)
+
+
+class DeepseekV4Indexer(nn.Module):
+    """Lightning indexer of ratio-4 layers: picks the top-k compressed entries per query (SPEC §4, §5.6-5.8)."""
+
+    def __init__(self, config: DeepseekV4Config, ratio: int) -> None:
+        super().__init__()
+        self.heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.topk = config.index_topk
+        self.ratio = ratio
+        self.wq_b = _linear(config.q_lora_rank, self.heads * self.head_dim)
+        self.weights_proj = _linear(config.hidden_size, self.heads)
+        self.compressor = DeepseekV4Compressor(config, ratio, self.head_dim, rotate=True)
+        self.weight_scale = self.head_dim**-0.5 * self.heads**-0.5
+
+    def queries(self, qr: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+        q = self.wq_b(qr).unflatten(-1, (self.heads, self.head_dim))  # [B, S, H, d]
+        rd = self.rope_dim
+        q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
+        return fp4_simulate(hadamard_rotate(q), INDEXER_FP4_BLOCK)
+
+    def select(
+        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_visible_total: int
+    ) -> torch.Tensor:
+        """Top-k entry ids per query ``[B, S, min(topk, n)]``; ``-1`` for entries the query cannot see yet.
+
+        Scores are a bf16 einsum of the FP4-simulated queries with the FP4-simulated keys, ReLU, weighted by
+        ``weights_proj(x) * d^-0.5 * H^-0.5`` and summed over heads, all in bf16 as the official code does.
+        """
+        weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
+        n = n_visible_total
+        k = min(self.topk, n)
+        bsz, seqlen = positions.shape
+        chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * max(n, 1)))
+        out = []
+        for s0 in range(0, seqlen, chunk):
+            qs = q[:, s0 : s0 + chunk]
+            score = torch.einsum("bshd,btd->bsht", qs, keys[:, :n])
+            score = (score.relu() * weights[:, s0 : s0 + chunk].unsqueeze(-1)).sum(dim=2)  # [B, s, n] bf16
+            visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
+            hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
+            score = score + torch.where(hidden, float("-inf"), 0.0).to(score.dtype)
+            top = score.topk(k, dim=-1).indices
+            out.append(torch.where(top >= visible.unsqueeze(-1), -1, top))
+        return torch.cat(out, dim=1)
+
+
+class DeepseekV4Attention(nn.Module):
+    """MQA with one shared K=V head, sliding window, optional compressed entries, attention sink (SPEC §4)."""
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.window = config.sliding_window
+        self.groups = config.o_groups
+        self.o_lora_rank = config.o_lora_rank
+        self.eps = config.rms_norm_eps
+        self.ratio = config.layer_compress_ratio(layer_idx)
+        self.scale = self.head_dim**-0.5
+        dim = config.hidden_size
+        self.attn_sink = nn.Parameter(torch.zeros(self.heads, dtype=torch.float32))
+        self.wq_a = _linear(dim, config.q_lora_rank)
+        self.q_norm = DeepseekV4RMSNorm(config.q_lora_rank, self.eps)
+        self.wq_b = _linear(config.q_lora_rank, self.heads * self.head_dim)
+        self.wkv = _linear(dim, self.head_dim)
+        self.kv_norm = DeepseekV4RMSNorm(self.head_dim, self.eps)
+        # Grouped output projection: wo_a is used as a bf16 [groups, o_lora_rank, heads*head_dim/groups] einsum.
+        self.wo_a = _linear(self.heads * self.head_dim // self.groups, self.groups * self.o_lora_rank)
+        self.wo_b = _linear(self.groups * self.o_lora_rank, dim)
+        if self.ratio:
+            self.compressor = DeepseekV4Compressor(config, self.ratio, self.head_dim, rotate=False)
+            self.indexer = DeepseekV4Indexer(config, self.ratio) if self.ratio == 4 else None
+        else:
+            self.compressor = None
+            self.indexer = None
+        # Compressed layers: compress_rope_theta with YaRN; sliding-window layers: rope_theta, no YaRN (SPEC §4).
+        # Recomputed per call (rd/2 values) rather than held in a buffer that meta-device loading leaves empty.
+        self.rope_base = config.compress_rope_theta if self.ratio else config.rope_theta
+        self.yarn = config.yarn if self.ratio else None
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return yarn_inv_freq(self.rope_dim, self.rope_base, self.yarn).to(self.attn_sink.device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [B,S,dim]`` (normed, bf16) at absolute ``positions [B,S]`` of a prefill starting at 0."""
+        bsz, seqlen, _ = x.shape
+        rd = self.rope_dim
+        inv_freq = self.inv_freq
+        cis = rope_cis(inv_freq, positions)  # [B, S, rd/2]
+
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).unflatten(-1, (self.heads, self.head_dim))
+        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)  # bf16 arithmetic, no weight (SPEC §7)
+        q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
+
+        kv = self.kv_norm(self.wkv(x))
+        kv = torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), apply_rope(kv[..., -rd:], cis)], dim=-1)
+        # Rows of `keys`: the window KV of every position, then compressed entries at offset `seqlen`.
+        indices = window_indices(positions, self.window)
+        keys = kv
+        if self.ratio:
+            n_entries = seqlen // self.ratio
+            compressed = self.compressor(x, inv_freq)  # [B, n, D]
+            visible = (positions + 1) // self.ratio
+            if self.indexer is not None:
+                iq = self.indexer.queries(qr, cis)
+                ikeys = self.indexer.compressor(x, inv_freq)
+                picked = self.indexer.select(x, iq, ikeys, positions, n_entries)
+            else:
+                picked = torch.arange(n_entries, device=x.device).expand(bsz, seqlen, n_entries)
+                picked = torch.where(picked >= visible.unsqueeze(-1), -1, picked)
+            indices = torch.cat([indices, torch.where(picked >= 0, picked + seqlen, -1)], dim=-1)
+            keys = torch.cat([kv, compressed], dim=1)
+        o = sparse_attention(q, keys, self.attn_sink, indices, self.scale)
+        o = torch.cat([o[..., :-rd], apply_rope(o[..., -rd:], cis, inverse=True)], dim=-1)
+        o = o.view(bsz, seqlen, self.groups, -1)
+        wo_a = self.wo_a.weight.view(self.groups, self.o_lora_rank, -1).to(o.dtype)
+        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
+        return self.wo_b(o.flatten(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------------------------
+class DeepseekV4Expert(nn.Module):
+    """SwiGLU expert with the official clamp and the routing weight applied before ``w2`` in fp32 (SPEC §4)."""
+
+    def __init__(self, config: DeepseekV4Config) -> None:
+        super().__init__()
+        self.w1 = _linear(config.hidden_size, config.moe_intermediate_size)
+        self.w2 = _linear(config.moe_intermediate_size, config.hidden_size)
+        self.w3 = _linear(config.hidden_size, config.moe_intermediate_size)
+        self.limit = config.swiglu_limit
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        gate = self.w1(x).float()
+        up = self.w3(x).float()
+        if self.limit > 0:
+            up = up.clamp(-self.limit, self.limit)
+            gate = gate.clamp(max=self.limit)
+        h = F.silu(gate) * up
+        if weight is not None:
+            h = weight * h
+        return self.w2(h.to(x.dtype))
+
+
+class DeepseekV4Gate(nn.Module):
+    """Router: fp32 scores, bias used for selection only, hash routing on the first ``num_hash_layers`` layers."""
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int) -> None:
+        super().__init__()
+        self.topk = config.num_experts_per_tok
+        self.score_func = config.scoring_func
+        self.route_scale = config.routed_scaling_factor
+        self.n_experts = config.n_routed_experts
+        self.hash = layer_idx < config.num_hash_layers
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if self.hash:
+            self.register_buffer(
+                "tid2eid", torch.zeros(config.vocab_size, config.num_experts_per_tok, dtype=torch.int64)
+            )
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [T, dim]`` -> routing weights ``[T, k]`` fp32 and expert ids ``[T, k]``."""
+        scores = F.linear(x.float(), self.weight.float())
+        if self.score_func == "softmax":
+            scores = scores.softmax(dim=-1)
+        elif self.score_func == "sigmoid":
+            scores = scores.sigmoid()
+        else:
+            scores = F.softplus(scores).sqrt()
+        if self.hash:
+            if input_ids is None:
+                raise ValueError("hash-routed layers (num_hash_layers > 0) need `input_ids`, not only `inputs_embeds`")
+            indices = self.tid2eid[input_ids]
+        else:
+            biased = scores + self.bias if self.bias is not None else scores
+            indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, indices
+
+
+class DeepseekV4MoE(nn.Module):
+    def __init__(self, config: DeepseekV4Config, layer_idx: int) -> None:
+        super().__init__()
+        self.gate = DeepseekV4Gate(config, layer_idx)
+        self.experts = nn.ModuleList(DeepseekV4Expert(config) for _ in range(config.n_routed_experts))
+        self.shared_experts = DeepseekV4Expert(config)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.gate(x, None if input_ids is None else input_ids.reshape(-1))
+        y = torch.zeros_like(x, dtype=torch.float32)
+        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows, slot = torch.where(indices == e)
+            # Same indexed update as the official code (a token listing an expert twice is written once).
+            y[rows] += self.experts[e](x[rows], weights[rows, slot, None])
+        y = y + self.shared_experts(x)
+        return y.to(x.dtype).view(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder layer with hyper-connections
+# ---------------------------------------------------------------------------------------------------------------
+class DeepseekV4DecoderLayer(nn.Module):
+    """One block: ``hc_pre -> attn_norm -> attention -> hc_post``, then the same around the MoE (SPEC §4)."""
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hc = config.hc_mult
+        self.iters = config.hc_sinkhorn_iters
+        self.hc_eps = config.hc_eps
+        self.norm_eps = config.rms_norm_eps
+        self.attn = DeepseekV4Attention(config, layer_idx)
+        self.ffn = DeepseekV4MoE(config, layer_idx)
+        self.attn_norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps)
+        mix, width = config.hc_mix_dim, config.hc_mult * config.hidden_size
+        for part in ("attn", "ffn"):
+            self.register_parameter(f"hc_{part}_fn", nn.Parameter(torch.zeros(mix, width, dtype=torch.float32)))
+            self.register_parameter(f"hc_{part}_base", nn.Parameter(torch.zeros(mix, dtype=torch.float32)))
+            self.register_parameter(f"hc_{part}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32)))
+
+    def _hc_pre(self, streams: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = streams.flatten(2).float()  # [B, S, hc*dim]
+        mixes = hc_mix_logits(flat, getattr(self, f"hc_{part}_fn"), self.norm_eps)
+        pre, post, comb = sinkhorn_split(
+            mixes, getattr(self, f"hc_{part}_scale"), getattr(self, f"hc_{part}_base"), self.hc, self.iters,
+            self.hc_eps,
+        )  # fmt: skip
+        x = (pre.unsqueeze(-1) * flat.view(streams.shape)).sum(dim=2)
+        return x.to(streams.dtype), post, comb
+
+    @staticmethod
+    def _hc_post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        # y_k = post_k * out + sum_j comb[j, k] * residual_j, in fp32, one cast.
+        y = post.unsqueeze(-1) * out.unsqueeze(-2) + (comb.unsqueeze(-1) * residual.unsqueeze(-2)).sum(dim=2)
+        return y.to(out.dtype)
+
+    def forward(
+        self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        x, post, comb = self._hc_pre(streams, "attn")
+        x = self.attn(self.attn_norm(x), positions)
+        streams = self._hc_post(x, streams, post, comb)
+        x, post, comb = self._hc_pre(streams, "ffn")
+        x = self.ffn(self.ffn_norm(x), input_ids)
+        return self._hc_post(x, streams, post, comb)
+
+
+def hc_head_reduce(
+    streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float
+) -> torch.Tensor:
+    """``hc_head``: sigmoid-weighted sum of the streams ``[B,S,hc,dim]`` -> ``[B,S,dim]`` (SPEC §4)."""
+    flat = streams.flatten(2).float()
+    pre = torch.sigmoid(hc_mix_logits(flat, fn, norm_eps) * scale + base) + hc_eps
+    return (pre.unsqueeze(-1) * flat.view(streams.shape)).sum(dim=2).to(streams.dtype)
+
+
+class DeepseekV4MTPBlock(DeepseekV4DecoderLayer):
+    """Multi-token-prediction block: a full decoder layer fed with the next token's embedding (SPEC §4)."""
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        dim = config.hidden_size
+        self.e_proj = _linear(dim, dim)
+        self.h_proj = _linear(dim, dim)
+        self.enorm = DeepseekV4RMSNorm(dim, config.rms_norm_eps)
+        self.hnorm = DeepseekV4RMSNorm(dim, config.rms_norm_eps)
+        self.norm = DeepseekV4RMSNorm(dim, config.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.zeros(config.hc_mult, config.hc_mult * dim, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.zeros(config.hc_mult, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+
+    def forward(  # type: ignore[override]
+        self, streams: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, next_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Main-model final ``streams [B,S,hc,dim]`` + ``embeds`` of the next tokens -> normed hidden ``[B,S,dim]``."""
+        x = self.e_proj(self.enorm(embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        x = super().forward(x, positions, next_ids)
+        x = hc_head_reduce(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps, self.hc_eps)
+        return self.norm(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DeepseekV4ModelOutput(BaseModelOutputWithPast):
+    """``last_hidden_state`` is the normed ``hc_head`` output ``[B,S,dim]``; ``hidden_states`` are the mHC streams
+    ``[B,S,hc,dim]`` after the embedding and after each layer; ``streams`` the final streams (MTP input)."""
+
+    streams: torch.Tensor | None = None
+
+
+@dataclass
+class DeepseekV4CausalLMOutput(CausalLMOutputWithPast):
+    streams: torch.Tensor | None = None
+
+
+class DeepseekV4PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV4Config
+    config: DeepseekV4Config
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV4DecoderLayer", "DeepseekV4MTPBlock"]
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    # The official model keeps these in fp32 whatever the checkpoint stores (SPEC §3-§4).
+    _keep_in_fp32_modules_strict = [
+        "norm", "attn_sink", "hc_", "ape", "compressor.wkv", "compressor.wgate", "gate.bias", "head",
+    ]  # fmt: skip
+
+    def _init_weights(self, module: nn.Module) -> None:
+        from transformers import initialization as init
+
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DeepseekV4RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, DeepseekV4Gate):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if module.hash and not getattr(module.tid2eid, "_is_hf_initialized", False):
+                # Any valid expert ids: random distinct experts per token.
+                ids = torch.rand(module.tid2eid.shape[0], module.n_experts).argsort(-1)[:, : module.topk]
+                init.copy_(module.tid2eid, ids.to(module.tid2eid.dtype))
+        elif isinstance(module, DeepseekV4Attention):
+            init.zeros_(module.attn_sink)
+        elif isinstance(module, DeepseekV4Compressor):
+            init.zeros_(module.ape)
+        if isinstance(module, DeepseekV4DecoderLayer):
+            for part in ("attn", "ffn"):
+                init.normal_(getattr(module, f"hc_{part}_fn"), mean=0.0, std=std)
+                init.zeros_(getattr(module, f"hc_{part}_base"))
+                init.ones_(getattr(module, f"hc_{part}_scale"))
+        if isinstance(module, (DeepseekV4MTPBlock, DeepseekV4Model)):
+            init.normal_(module.hc_head_fn, mean=0.0, std=std)
+            init.zeros_(module.hc_head_base)
+            init.ones_(module.hc_head_scale)
+
+
+class DeepseekV4Model(DeepseekV4PreTrainedModel):
+    """Embedding, decoder layers with hyper-connections, ``hc_head`` and final norm (no LM head)."""
+
+    def __init__(self, config: DeepseekV4Config) -> None:
+        super().__init__(config)
+        self._build_backbone(config)
+        self.post_init()
+
+    def _build_backbone(self, config: DeepseekV4Config) -> None:
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DeepseekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps)
+        hc, width = config.hc_mult, config.hc_mult * config.hidden_size
+        self.hc_head_fn = nn.Parameter(torch.zeros(hc, width, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+        self.gradient_checkpointing = False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def _check_inputs(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref.dim() < 2 or ref.shape[1] == 0:
+            raise ValueError(f"input_ids: expected a non-empty [batch, seq] input, got shape {tuple(ref.shape)}")
+        if input_ids is not None:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids: token ids must lie in [0, vocab_size={self.config.vocab_size}), found [{lo}, {hi}]"
+                )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: object,
+    ) -> DeepseekV4ModelOutput:
+        self._check_inputs(input_ids, inputs_embeds)
+        if past_key_values is not None:
+            raise NotImplementedError("incremental decoding with a KV cache is not available yet; use use_cache=False")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise NotImplementedError("padded batches (attention_mask with zeros) are not supported yet")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, seqlen = embeds.shape[:2]
+        positions = torch.arange(seqlen, device=embeds.device).expand(bsz, seqlen)
+        streams = embeds.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B, S, hc, dim]
+        all_streams = [streams] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                streams = self._gradient_checkpointing_func(layer.__call__, streams, positions, input_ids)
+            else:
+                streams = layer(streams, positions, input_ids)
+            if all_streams is not None:
+                all_streams.append(streams)
+        hidden = hc_head_reduce(
+            streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config.rms_norm_eps,
+            self.config.hc_eps,
+        )  # fmt: skip
+        return DeepseekV4ModelOutput(
+            last_hidden_state=self.norm(hidden),
+            hidden_states=tuple(all_streams) if all_streams is not None else None,
+            streams=streams,
+        )
+
+
+class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
+    """DeepSeek-V4 with its fp32 LM head and the MTP block(s).
+
+    The causal-LM model extends :class:`DeepseekV4Model` in place rather than wrapping it under a ``model.``
+    prefix, so module paths are exactly the released tensor names (``embed.weight``, ``head.weight``,
+    ``mtp.0.*``): released checkpoints load and save with no renaming.
+    """
+
+    _tied_weights_keys: list[str] = []
+
+    def __init__(self, config: DeepseekV4Config) -> None:
+        DeepseekV4PreTrainedModel.__init__(self, config)  # not DeepseekV4Model.__init__: one post_init, at the end
+        self._build_backbone(config)
+        self.head = _linear(config.hidden_size, config.vocab_size, dtype=torch.float32)
+        first = config.num_hidden_layers
+        self.mtp = nn.ModuleList(DeepseekV4MTPBlock(config, first + k) for k in range(config.num_nextn_predict_layers))
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.head = value
+
+    def get_decoder(self) -> DeepseekV4ForCausalLM:
+        return self
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of normed hidden states ``[..., dim]`` with the fp32 head (SPEC §4)."""
+        return F.linear(hidden.float(), self.head.weight.float())
+
+    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """Logits of MTP block ``depth`` at every position: final main-model ``streams [B,S,hc,dim]`` and the next
+        tokens ``next_ids [B,S]`` -> ``[B,S,vocab]`` fp32 (fresh state: positions start at 0)."""
+        bsz, seqlen = next_ids.shape
+        positions = torch.arange(seqlen, device=next_ids.device).expand(bsz, seqlen)
+        hidden = self.mtp[depth](streams, self.embed(next_ids), positions, next_ids)
+        return self.logits(hidden)
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: object | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: object,
+    ) -> DeepseekV4CausalLMOutput:
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.logits(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return DeepseekV4CausalLMOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, streams=out.streams
+        )

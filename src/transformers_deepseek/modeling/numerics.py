@@ -1,0 +1,147 @@
+"""The official model's simulated low-precision points (SPEC §5-§6) as plain, differentiable torch functions.
+
+These are part of the architecture, not of a storage format: even a bf16 checkpoint runs its KV nope dims through
+an FP8 round trip and its indexer queries/keys through an FP4 round trip, because the released weights were
+trained (QAT) with exactly this rounding. Each function reproduces the kernel semantics bit for bit on CPU:
+power-of-two (ue8m0) scales by an exact ceil, round-to-nearest-even onto the e4m3 / e2m1 grids, clamping, and
+the dtype round trips of the official ``inplace=True`` kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+FP8_AMAX_FLOOR = 1e-4  # SPEC §6: act_quant clamps amax from below
+FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # SPEC §6: fp4_act_quant clamps amax from below
+
+
+def ceil_pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """ue8m0 scale ``2^ceil(log2(amax * fp32(1/qmax)))`` computed on the fp32 bit pattern (exact, SPEC §5.9)."""
+    a = amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32)
+    bits = a.view(torch.int32)
+    exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return ((exponent + 127) << 23).view(torch.float32)
+
+
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values in [-6, 6] to the nearest e2m1 value (0, .5, 1, 1.5, 2, 3, 4, 6), ties to even code.
+
+    The grid spacing is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; ``torch.round`` is round-half-to-even on the
+    rescaled value, which is exactly the e2m1 tie rule (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4).
+    """
+    mag = x.abs()
+    step = torch.where(mag < 2.0, 0.5, torch.where(mag < 4.0, 1.0, 2.0))
+    return torch.copysign(torch.round(mag / step) * step, x)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the simulated value; backward: identity (the usual QAT straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, simulated: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return simulated
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    if x.shape[-1] % block:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of the quantization block {block}")
+    return x.float().unflatten(-1, (-1, block))
+
+
+def fp8_simulate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``act_quant(x, block, "ue8m0", inplace=True)`` of the current kernel (SPEC §6): e4m3 round trip per block.
+
+    Returns ``x.dtype`` values ``bf16(float(e4m3(clamp(x / s))) * s)`` with ``s`` the ue8m0 scale of each block.
+    Gradients pass straight through.
+    """
+    xb = _blocks(x, block)  # [..., n_blocks, block]
+    scale = ceil_pow2_scale(xb.abs().amax(-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR), FP8_MAX)
+    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    simulated = (q * scale).flatten(-2).to(x.dtype)
+    return _StraightThrough.apply(x, simulated) if x.requires_grad else simulated
+
+
+def fp4_simulate(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``fp4_act_quant(x, block, inplace=True)`` (SPEC §6): e2m1 round trip per block with a ue8m0 scale."""
+    xb = _blocks(x, block)
+    scale = ceil_pow2_scale(xb.abs().amax(-1, keepdim=True).clamp_min(FP4_AMAX_FLOOR), FP4_MAX)
+    q = round_to_e2m1((xb / scale).clamp(-FP4_MAX, FP4_MAX))
+    simulated = (q * scale).flatten(-2).to(x.dtype)
+    return _StraightThrough.apply(x, simulated) if x.requires_grad else simulated
+
+
+def quantize_activation_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant(x, block, "ue8m0")`` non-inplace: (e4m3 values as fp32 ``[..., N]``, fp32 scales ``[..., N/block]``)."""
+    xb = _blocks(x, block)
+    scale = ceil_pow2_scale(xb.abs().amax(-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR), FP8_MAX)
+    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return q.flatten(-2), scale.squeeze(-1)
+
+
+def sylvester_hadamard(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """Sylvester-ordered Hadamard matrix ``H_n`` (entries +-1), ``n`` a power of two."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """``hadamard_transform(x, scale=d^-0.5)``: orthonormal Walsh-Hadamard in fp32, result in ``x.dtype`` (SPEC §6)."""
+    d = x.shape[-1]
+    h = sylvester_hadamard(d, x.device)
+    return (torch.matmul(x.float(), h) * (d**-0.5)).to(x.dtype)
+
+
+def yarn_inv_freq(
+    dim: int, base: float, yarn: dict[str, float] | None
+) -> torch.Tensor:
+    """Inverse RoPE frequencies ``[dim/2]`` (fp32), with the official YaRN ramp when ``yarn`` is given (SPEC §4).
+
+    The official code interpolates ``f/factor*(1-smooth) + f*smooth`` with a ramp between the floor/ceil
+    correction dims of ``beta_fast`` / ``beta_slow`` and applies no mscale.
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if yarn is None:
+        return freqs
+    original = yarn["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(yarn["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(yarn["beta_slow"])), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    smooth = 1 - ramp
+    return freqs / yarn["factor"] * (1 - smooth) + freqs * smooth
+
+
+def rope_cis(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Complex rotations ``exp(i * pos * f)`` as complex64 ``[*positions.shape, dim/2]``."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x [..., S, (H,) rd]`` by ``cis [B or 1, S, rd/2]`` in fp32 complex arithmetic.
+
+    Out of place; the result is cast back to ``x.dtype`` (the official in-place copy into a bf16 tensor).
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    if inverse:
+        cis = cis.conj()
+    if xc.dim() == 4:  # [B, S, H, rd/2]
+        cis = cis.unsqueeze(2)
+    return torch.view_as_real(xc * cis).flatten(-2).to(x.dtype)
