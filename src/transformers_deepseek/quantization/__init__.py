@@ -1,0 +1,41 @@
+"""Quantized weight formats of the released DeepSeek-V4 checkpoints (FP8 e4m3 blocks, FP4 e2m1, e8m0 scales)."""
+
+from .formats import (
+    E2M1_VALUES,
+    FP4_BLOCK_SIZE,
+    FP4_E2M1_MAX,
+    FP8_BLOCK_SIZE,
+    FP8_E4M3_MAX,
+    decode_e2m1,
+    dequantize_fp4,
+    dequantize_fp8_blocks,
+    dequantize_wo_a,
+    e8m0_to_float,
+    encode_e2m1,
+    float_to_e8m0,
+    fp4_to_fp8,
+    pack_fp4,
+    quantize_fp4_e2m1,
+    quantize_fp8_blocks,
+    unpack_fp4,
+)
+
+__all__ = [
+    "E2M1_VALUES",
+    "FP4_BLOCK_SIZE",
+    "FP4_E2M1_MAX",
+    "FP8_BLOCK_SIZE",
+    "FP8_E4M3_MAX",
+    "decode_e2m1",
+    "dequantize_fp4",
+    "dequantize_fp8_blocks",
+    "dequantize_wo_a",
+    "e8m0_to_float",
+    "encode_e2m1",
+    "float_to_e8m0",
+    "fp4_to_fp8",
+    "pack_fp4",
+    "quantize_fp4_e2m1",
+    "quantize_fp8_blocks",
+    "unpack_fp4",
+]
