@@ -191,12 +191,14 @@ def _same_json(a: Any, b: Any) -> bool:
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(obj=_json_objects, fmt=_formats)
-def test_string_arguments_render_like_parsed_arguments(obj: dict, fmt: dict, tokenizer) -> None:
+def test_string_arguments_render_like_parsed_arguments(obj: dict, fmt: dict, tokenizer, plain_tokenizer) -> None:
+    # plain_tokenizer exercises the template's own JSON scanner; our class pre-parses with json.loads.
     text = json.dumps(obj, **fmt)
     parsed = json.loads(text)
-    as_string = _render(tokenizer, _tool_call_conversation(text), thinking_mode="chat")
-    assert as_string == _render(tokenizer, _tool_call_conversation(parsed), thinking_mode="chat")
-    assert as_string == _render(tokenizer, _tool_call_conversation(obj), thinking_mode="chat")
+    as_string = _render(plain_tokenizer, _tool_call_conversation(text), thinking_mode="chat")
+    assert as_string == _render(plain_tokenizer, _tool_call_conversation(parsed), thinking_mode="chat")
+    assert as_string == _render(plain_tokenizer, _tool_call_conversation(obj), thinking_mode="chat")
+    assert as_string == _render(tokenizer, _tool_call_conversation(text), thinking_mode="chat")
 
 
 _json_junk = st.one_of(
@@ -207,20 +209,19 @@ _json_junk = st.one_of(
 
 @settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=_json_junk)
-def test_string_arguments_follow_json_loads(text: str, tokenizer) -> None:
+def test_string_arguments_follow_json_loads(text: str, tokenizer, plain_tokenizer) -> None:
     try:
         parsed = json.loads(text)
     except ValueError:
         parsed = {"arguments": text}
 
-    def rendered(args: Any) -> str:
-        return _render(tokenizer, _tool_call_conversation(args), thinking_mode="chat")
-
-    if isinstance(parsed, dict):
-        assert rendered(text) == rendered(parsed)
-    else:  # the encoder fails on non-object JSON (it calls .items()); the template says so
-        with pytest.raises(TemplateError, match="JSON object"):
-            rendered(text)
+    for tok in (plain_tokenizer, tokenizer):
+        if isinstance(parsed, dict):
+            expected = _render(tok, _tool_call_conversation(parsed), thinking_mode="chat")
+            assert _render(tok, _tool_call_conversation(text), thinking_mode="chat") == expected
+        else:  # the encoder fails on non-object JSON (it calls .items()); the template says so
+            with pytest.raises(TemplateError, match="JSON object"):
+                _render(tok, _tool_call_conversation(text), thinking_mode="chat")
 
 
 # ---------------------------------------------------------------------------------- context (earlier turns)

@@ -7,6 +7,7 @@ A checkpoint directory's own tokenizer.json wins. Without one, the tokenizer.jso
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from functools import cache
 from pathlib import Path
@@ -63,6 +64,46 @@ class DeepseekV4TokenizerFast(PreTrainedTokenizerFast):
             kwargs["tokenizer_file"] = str(default_tokenizer_dir() / "tokenizer.json")
         tokenizer = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         return _apply_v4_defaults(tokenizer)
+
+    def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedTokenizerFast.apply_chat_template`, with tool-call arguments pre-parsed for speed.
+
+        The shipped template parses JSON-string arguments itself (in Jinja, so plain transformers renders the same),
+        but that costs ~30 µs per character. Parsing them here with `json.loads`, as the official encoder does,
+        gives the identical rendering quickly; text that json.loads rejects is left to the template's fallback.
+        """
+        conversation = _with_parsed_arguments(conversation)
+        if kwargs.get("context"):
+            kwargs["context"] = _with_parsed_arguments(kwargs["context"])
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
+
+def _with_parsed_arguments(messages: Any) -> Any:
+    """A shallow copy of `messages` (or a batch of them) whose JSON-object string arguments are dicts."""
+    if not isinstance(messages, (list, tuple)):
+        return messages
+    result = []
+    for message in messages:
+        if isinstance(message, (list, tuple)):
+            result.append(_with_parsed_arguments(message))
+        elif isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+            result.append({**message, "tool_calls": [_parse_call(call) for call in message["tool_calls"]]})
+        else:
+            result.append(message)
+    return result
+
+
+def _parse_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call  # the template reports non-object arguments
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _apply_v4_defaults(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
