@@ -207,16 +207,24 @@ class DeepseekV4Indexer(nn.Module):
         q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
         return fp4_simulate(hadamard_rotate(q), INDEXER_FP4_BLOCK)
 
-    def select(
-        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_visible_total: int
+    def forward(
+        self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cis: torch.Tensor, inv_freq: torch.Tensor
     ) -> torch.Tensor:
-        """Top-k entry ids per query ``[B, S, min(topk, n)]``; ``-1`` for entries the query cannot see yet.
+        """Prefill from position 0: top-k compressed-entry ids per query ``[B, S, min(topk, S // 4)]``, ``-1`` where
+        the query cannot see the entry yet (SPEC §4 Indexer)."""
+        keys = self.compressor(x, inv_freq)  # [B, n, d], FP4-simulated
+        return self.select(x, self.queries(qr, cis), keys, positions, keys.shape[1])
+
+    def select(
+        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_entries: int
+    ) -> torch.Tensor:
+        """Top-k over the first ``n_entries`` keys per query; ``-1`` for entries the query cannot see yet.
 
         Scores are a bf16 einsum of the FP4-simulated queries with the FP4-simulated keys, ReLU, weighted by
         ``weights_proj(x) * d^-0.5 * H^-0.5`` and summed over heads, all in bf16 as the official code does.
         """
         weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
-        n = n_visible_total
+        n = n_entries
         k = min(self.topk, n)
         bsz, seqlen = positions.shape
         chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * max(n, 1)))
@@ -273,6 +281,13 @@ class DeepseekV4Attention(nn.Module):
     def inv_freq(self) -> torch.Tensor:
         return yarn_inv_freq(self.rope_dim, self.rope_base, self.yarn).to(self.attn_sink.device)
 
+    def window_kv(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+        """Per-position KV ``[B,S,head_dim]``: kv_norm(wkv(x)), RoPE on the last dims, FP8 round trip of the
+        nope dims after norm and RoPE (SPEC §5.4)."""
+        rd = self.rope_dim
+        kv = self.kv_norm(self.wkv(x))
+        return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), apply_rope(kv[..., -rd:], cis)], dim=-1)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x [B,S,dim]`` (normed, bf16) at absolute ``positions [B,S]`` of a prefill starting at 0."""
         bsz, seqlen, _ = x.shape
@@ -285,8 +300,7 @@ class DeepseekV4Attention(nn.Module):
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)  # bf16 arithmetic, no weight (SPEC §7)
         q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
 
-        kv = self.kv_norm(self.wkv(x))
-        kv = torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), apply_rope(kv[..., -rd:], cis)], dim=-1)
+        kv = self.window_kv(x, cis)
         # Rows of `keys`: the window KV of every position, then compressed entries at offset `seqlen`.
         indices = window_indices(positions, self.window)
         keys = kv
@@ -295,9 +309,7 @@ class DeepseekV4Attention(nn.Module):
             compressed = self.compressor(x, inv_freq)  # [B, n, D]
             visible = (positions + 1) // self.ratio
             if self.indexer is not None:
-                iq = self.indexer.queries(qr, cis)
-                ikeys = self.indexer.compressor(x, inv_freq)
-                picked = self.indexer.select(x, iq, ikeys, positions, n_entries)
+                picked = self.indexer(x, qr, positions, cis, inv_freq)
             else:
                 picked = torch.arange(n_entries, device=x.device).expand(bsz, seqlen, n_entries)
                 picked = torch.where(picked >= visible.unsqueeze(-1), -1, picked)
@@ -514,6 +526,31 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = [
         "norm", "attn_sink", "hc_", "ape", "compressor.wkv", "compressor.wgate", "gate.bias", "head",
     ]  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):  # type: ignore[override]
+        """``PreTrainedModel.from_pretrained`` that refuses incomplete checkpoints.
+
+        transformers only warns about missing or misshaped tensors and initialises them at random; a V4 checkpoint
+        missing a tensor is corrupt, so this raises ``ValueError`` naming every such tensor instead. Tensors the
+        model does not use (e.g. ``head``/``mtp`` when loading the bare :class:`DeepseekV4Model`) are reported
+        by transformers as unexpected keys, as usual.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        # Load with mismatches tolerated so that they can be reported here by name (transformers' own error only
+        # points at its log); unless the caller allowed them, they are still an error.
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"missing tensors: {sorted(info['missing_keys'])}")
+        if info.get("mismatched_keys") and not allow_mismatch:
+            shapes = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in info["mismatched_keys"]]
+            problems.append(f"tensors of the wrong shape: {shapes}")
+        if problems:
+            raise ValueError(f"{cls.__name__}.from_pretrained: the checkpoint does not match the config; " +
+                             "; ".join(problems))
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         from transformers import initialization as init
