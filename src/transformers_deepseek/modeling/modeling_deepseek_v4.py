@@ -365,7 +365,9 @@ class DeepseekV4Gate(nn.Module):
             )
             self.bias = None
         else:
-            self.bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+            # Selection-only bias: no gradient reaches it (a buffer, not a parameter); DeepSeek's auxiliary-loss-free
+            # balancing updates it in place.
+            self.register_buffer("bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [T, dim]`` -> routing weights ``[T, k]`` fp32 and expert ids ``[T, k]``."""
@@ -682,6 +684,12 @@ class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
         first = config.num_hidden_layers
         self.mtp = nn.ModuleList(DeepseekV4MTPBlock(config, first + k) for k in range(config.num_nextn_predict_layers))
         self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The compressed KV state does not fit transformers' DynamicCache; until DeepseekV4Cache lands, generate()
+        # re-runs the full prefix each step (exact, since every step is a prefill from position 0).
+        return False
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.head

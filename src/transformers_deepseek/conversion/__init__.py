@@ -1,0 +1,1 @@
+"""Checkpoint conversion: one declarative weight table, invertible transforms, streaming converters, CLI."""

@@ -1,0 +1,105 @@
+"""Forward API: loss, hidden streams, logits_to_keep, generate/pipeline, and bad input naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from helpers import require_fixture
+from transformers_deepseek import DeepseekV4ForCausalLM, DeepseekV4Model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(require_fixture("tiny-bf16") / "checkpoint").eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_labels_give_the_shifted_causal_lm_loss(model, ids):
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 1024), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, expected, rtol=1e-5)
+    assert out.logits.dtype == torch.float32  # fp32 head (SPEC §4)
+
+
+def test_hidden_states_are_the_hc_streams(model, ids):
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    cfg = model.config
+    assert len(out.hidden_states) == cfg.num_hidden_layers + 1
+    assert all(h.shape == (2, 24, cfg.hc_mult, cfg.hidden_size) for h in out.hidden_states)
+    # Stream 0 after the embedding is the embedding itself, repeated into every stream.
+    assert torch.equal(out.hidden_states[0][:, :, 2], model.embed(ids))
+    assert torch.equal(out.hidden_states[-1], out.streams)
+
+
+def test_logits_to_keep_and_base_model(model, ids):
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+        base = DeepseekV4Model.from_pretrained(require_fixture("tiny-bf16") / "checkpoint")(ids)
+    # Same values up to fp32 GEMM blocking (the head sees a different number of rows).
+    assert torch.allclose(last[:, -1], full[:, -1], rtol=0, atol=1e-4)
+    assert torch.equal(model.logits(base.last_hidden_state), full)
+
+
+def test_training_step_reaches_every_trainable_parameter(ids):
+    model = DeepseekV4ForCausalLM.from_pretrained(require_fixture("tiny-bf16") / "checkpoint").train()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    no_grad = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is None and not n.startswith("mtp.")
+    ]  # fmt: skip
+    # No gradient is expected only for: experts no token was routed to; the lightning indexer, whose output is a
+    # discrete top-k selection (the official model has no gradient path through it either); and the ratio-128
+    # compressor, which emits no entry for 24 tokens.
+    unexpected = [n for n in no_grad if not (".experts." in n or ".indexer." in n or n.startswith("layers.2.attn.compressor"))]
+    assert not unexpected, unexpected
+    assert not any(n.startswith(("layers.0.attn.", "layers.1.attn.wq", "layers.1.attn.compressor")) for n in no_grad)
+
+
+def test_generate_greedy_starts_with_the_prefill_argmax(model, ids):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        first = model(ids).logits[:, -1].argmax(-1)
+    assert out.shape == (2, 28)
+    assert torch.equal(out[:, 24], first)
+
+
+def test_text_generation_pipeline():
+    from transformers_deepseek.tokenization import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    config = transformers.AutoConfig.from_pretrained(require_fixture("tiny-bf16") / "checkpoint")
+    config.vocab_size = len(tokenizer)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    result = pipe("Hello", max_new_tokens=3, do_sample=False)
+    assert result[0]["generated_text"].startswith("Hello")
+
+
+@pytest.mark.parametrize(
+    ("make_ids", "field"),
+    [
+        (lambda: torch.tensor([[1, 2, 1024]]), "input_ids"),
+        (lambda: torch.tensor([[1, -3]]), "input_ids"),
+        (lambda: torch.zeros(1, 0, dtype=torch.long), "input_ids"),
+    ],
+    ids=["id-beyond-vocab", "negative-id", "empty"],
+)
+def test_bad_input_ids_raise_naming_the_field(model, make_ids, field):
+    with pytest.raises(ValueError, match=field):
+        model(make_ids())
+
+
+def test_inputs_embeds_on_hash_layers_needs_ids(model, ids):
+    with pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=model.embed(ids))
