@@ -134,22 +134,24 @@ class ParityReport:
 
 
 @torch.no_grad()
-def teacher_forced(model: torch.nn.Module, golden: Golden, call_layer=None) -> ParityReport:
+def teacher_forced(model: torch.nn.Module, golden: Golden, call_layer=None, embed=None) -> ParityReport:
     """Per-layer teacher forcing on every layer whose input and output streams the fixture stores, the MTP
     block, and (for layers whose inputs are not stored) the chain from the last stored stream to the final
     streams stored as ``mtp.input_hidden``.
 
     ``call_layer(model, layer_idx, streams, positions, input_ids)`` runs one decoder layer; the default calls
-    ``model.layers[L](streams, positions, input_ids)`` (override it to drive another implementation).
+    ``model.layers[L](streams, positions, input_ids)``; ``embed(model, input_ids)`` gives the layer-0 input streams.
+    Override both to drive another implementation (``bench/parity.py`` does so for transformers' native model).
     """
     call_layer = call_layer or (lambda m, i, s, p, ids: m.layers[i](s, p, ids))
+    embed = embed or embed_streams
     ids = golden.input_ids
     report = ParityReport(golden.name)
     n_layers = model.config.num_hidden_layers
     last_known: tuple[int, torch.Tensor, slice] | None = None
     for layer in range(n_layers):
         if layer == 0:
-            inp, rows = embed_streams(model, ids), slice(None)
+            inp, rows = embed(model, ids), slice(None)
         else:
             stored = golden.stream(layer - 1)
             if stored is None:
