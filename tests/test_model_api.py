@@ -103,3 +103,41 @@ def test_bad_input_ids_raise_naming_the_field(model, make_ids, field):
 def test_inputs_embeds_on_hash_layers_needs_ids(model, ids):
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=model.embed(ids))
+
+
+def _corrupt_copy(tmp_path, edit):
+    """The tiny-bf16 checkpoint rewritten with ``edit(tensors)`` applied to every shard (index kept in sync)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = require_fixture("tiny-bf16") / "checkpoint"
+    for f in src.glob("*.json"):
+        shutil.copy(f, tmp_path / f.name)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(src / shard)
+        edit(tensors)
+        save_file(tensors, tmp_path / shard, metadata={"format": "pt"})
+        for name in list(index["weight_map"]):
+            if index["weight_map"][name] == shard and name not in tensors:
+                del index["weight_map"][name]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return tmp_path
+
+
+def test_checkpoint_missing_a_tensor_is_refused_by_name(tmp_path):
+    path = _corrupt_copy(tmp_path, lambda t: t.pop("layers.1.attn.wkv.weight", None))
+    with pytest.raises(ValueError, match=r"missing tensors: \['layers\.1\.attn\.wkv\.weight'\]"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_checkpoint_tensor_of_wrong_shape_is_refused_by_name(tmp_path):
+    def shrink(t):
+        if "layers.2.attn.wq_a.weight" in t:
+            t["layers.2.attn.wq_a.weight"] = t["layers.2.attn.wq_a.weight"][:, :128].contiguous()
+
+    path = _corrupt_copy(tmp_path, shrink)
+    with pytest.raises(ValueError, match=r"layers\.2\.attn\.wq_a\.weight: checkpoint \(128, 128\) vs model \(128, 256\)"):
+        AutoModelForCausalLM.from_pretrained(path)
