@@ -143,8 +143,17 @@ def teacher_forced(model: torch.nn.Module, golden: Golden, call_layer=None, embe
     ``model.layers[L](streams, positions, input_ids)``; ``embed(model, input_ids)`` gives the layer-0 input streams.
     Override both to drive another implementation (``bench/parity.py`` does so for transformers' native model).
     """
+    own = call_layer is None
     call_layer = call_layer or (lambda m, i, s, p, ids: m.layers[i](s, p, ids))
     embed = embed or embed_streams
+    streams_cache: list = []
+
+    def own_streams(m, input_ids):  # the model's own input streams of every layer, computed once
+        if not streams_cache:
+            streams_cache.extend(m(input_ids, output_hidden_states=True, use_cache=False).hidden_states)
+        return streams_cache
+
+    full_batch = own_streams if own else None
     ids = golden.input_ids
     report = ParityReport(golden.name)
     n_layers = model.config.num_hidden_layers
@@ -162,11 +171,12 @@ def teacher_forced(model: torch.nn.Module, golden: Golden, call_layer=None, embe
             last_known = (layer, inp, rows)
             continue
         target, out_rows = out
-        if out_rows != rows:  # compare on the rows both sides cover (batch 0)
-            inp = inp[out_rows] if inp.shape[0] > target.shape[0] else inp
-            rows = out_rows
-        sub_ids = ids[rows]
-        got = call_layer(model, layer, inp, _positions(*sub_ids.shape), sub_ids)
+        if inp.shape[0] < ids.shape[0] and full_batch is not None:
+            # Only batch row 0 is stored: run the layer on the whole batch anyway (CPU kernels round differently
+            # for other batch shapes), rows 1.. taken from the model's own forward.
+            inp = torch.cat([inp, full_batch(model, ids)[layer][inp.shape[0] :]], dim=0)
+        sub_ids = ids[: inp.shape[0]]
+        got = call_layer(model, layer, inp, _positions(*sub_ids.shape), sub_ids)[out_rows]
         report.layers[f"layer{layer}"] = (rel_l2(got, target), golden.layer_floor(layer))
         last_known = (layer + 1, target, rows)
     final_key = "mtp.input_hidden"

@@ -35,6 +35,10 @@ INFERENCE_KEY_MAP = {
     "window_size": "sliding_window",
     "norm_eps": "rms_norm_eps",
 }
+# In-memory quant_method of the released FP8 config (`quant_method: "fp8"`, `scale_fmt: "ue8m0"`): routes V4
+# checkpoints to transformers_deepseek's quantizer without touching transformers' generic "fp8" one. to_dict writes
+# "fp8" back (the quantization config's own to_dict does so too).
+V4_QUANT_METHOD = "deepseek_v4_fp8"
 # ModelArgs keys that only size the official runtime buffers or are folded into other fields.
 _INFERENCE_RUNTIME_KEYS = ("max_batch_size", "scale_dtype")
 
@@ -156,6 +160,9 @@ class DeepseekV4Config(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        qc = getattr(self, "quantization_config", None)
+        if isinstance(qc, dict) and qc.get("quant_method") == "fp8" and qc.get("scale_fmt") == "ue8m0":
+            self.quantization_config = {**qc, "quant_method": V4_QUANT_METHOD}
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes (SPEC §2, §4)
@@ -271,7 +278,8 @@ class DeepseekV4Config(PretrainedConfig):
                         f"DeepseekV4Config.{name} ({getattr(self, name)}) must be a multiple of 32 for FP4 experts"
                     )
         qc = getattr(self, "quantization_config", None)
-        if isinstance(qc, dict) and qc.get("quant_method") == "fp8":
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if method in ("fp8", V4_QUANT_METHOD):
             # Every FP8 GEMM quantizes its input activations in 1x128 blocks (SPEC §5.1).
             for name in ("hidden_size", "q_lora_rank", "moe_intermediate_size"):
                 if getattr(self, name) % 128:
@@ -286,11 +294,24 @@ class DeepseekV4Config(PretrainedConfig):
         out = super().to_dict()
         # transformers >= 5 standardises RoPE into `rope_parameters`; the released key is `rope_scaling` (kept as is).
         out.pop("rope_parameters", None)
+        _write_released_quant_method(out)
         out["rope_scaling"] = copy.deepcopy(self.__dict__.get("rope_scaling"))
         # The release (and tools reading it) spell the dtype `torch_dtype`; transformers >= 5 writes `dtype`.
         if out.get("dtype") is not None:
             out["torch_dtype"] = out["dtype"]
         return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        # transformers re-inserts quantization_config as held in memory here (config.json is written from this).
+        return _write_released_quant_method(super().to_diff_dict())
+
+
+def _write_released_quant_method(out: dict[str, Any]) -> dict[str, Any]:
+    """The on-disk name of a V4 FP8 quantization config is the released "fp8" (see V4_QUANT_METHOD)."""
+    qc = out.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == V4_QUANT_METHOD:
+        out["quantization_config"] = {**qc, "quant_method": "fp8"}
+    return out
 
 
 def _pop_inference_keys(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ fp32 norms / hyper-connection mixers / compressor projections / attention sinks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,17 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .cache_deepseek_v4 import (
+    ChunkView,
+    DeepseekV4Cache,
+    DeepseekV4CacheLayer,
+    Store,
+    _take,
+    pack_index_keys,
+    pack_kv,
+    unpack_index_keys,
+    unpack_kv,
+)
 from .configuration_deepseek_v4 import DeepseekV4Config
 from .numerics import apply_rope, fp4_simulate, fp8_simulate, hadamard_rotate, rope_cis, yarn_inv_freq
 
@@ -55,7 +67,10 @@ def sinkhorn_split(
     pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
     comb = mixes[..., 2 * hc :].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
-    comb = comb.softmax(-1) + eps
+    # Kernel softmax spelled out (exp(x - max) / sum): torch.softmax rounds differently in the last fp32 bit, which
+    # flips bf16 roundings of the streams downstream; this form reproduces the official streams bit for bit.
+    comb = torch.exp(comb - comb.amax(-1, keepdim=True))
+    comb = comb / comb.sum(-1, keepdim=True) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(-1, keepdim=True) + eps)
@@ -72,49 +87,53 @@ def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------
 # Attention pieces
 # ---------------------------------------------------------------------------------------------------------------
-def window_indices(positions: torch.Tensor, window: int) -> torch.Tensor:
-    """Key positions each query sees in its sliding window, oldest first, ``-1`` padded: ``[B, S, min(S_max, win)]``.
+def window_positions(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Absolute key positions of each query's sliding window, oldest first, ``-1`` padded: ``[B, S, w]``.
 
-    ``positions`` are absolute query positions ``[B, S]``; keys are addressed by absolute position as well.
+    Official order (SPEC §4): ``max(0, t-win+1) .. t`` then ``-1`` for rows shorter than the window.
     """
-    width = min(window, int(positions.max().item()) + 1)
-    # Official prefill order (SPEC §4): max(0, t-win+1) .. t, then -1 padding for rows shorter than the window.
+    width = max(1, min(window, int(positions.max().item()) + 1))
     first = (positions - window + 1).clamp(min=0).unsqueeze(-1)
     keys = first + torch.arange(width, device=positions.device)
-    return torch.where(keys > positions.unsqueeze(-1), -1, keys)
+    return torch.where((keys > positions.unsqueeze(-1)) | (positions.unsqueeze(-1) < 0), -1, keys)
 
 
-def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, indices: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """The official ``sparse_attn`` (SPEC §6) as a gather over ``indices``.
+KeySource = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
 
-    q ``[B,S,H,D]`` bf16, kv ``[B,N,D]`` bf16 (K = V), sink ``[H]`` fp32, indices ``[B,S,K]`` (``-1`` = empty slot).
-    Logits in fp32; an online softmax over blocks of 64 indices whose probabilities are rounded to bf16 for P.V
-    (fp32 accumulation) while the denominator keeps fp32 P; the sink joins the denominator only. Output bf16.
+
+def dense_source(keys: torch.Tensor, indices: torch.Tensor) -> KeySource:
+    """A key source over a dense ``[B, N, D]`` tensor: ``indices [B, S, k]`` into it (``-1`` = empty)."""
+    bsz, n, dim = keys.shape
+    flat = keys.reshape(-1, dim)
+    base = (torch.arange(bsz, device=keys.device) * n).view(bsz, 1, 1)
+    return (lambda idx: flat[idx.clamp(min=0) + base]), indices
+
+
+def sparse_attention(q: torch.Tensor, sink: torch.Tensor, scale: float, sources: list[KeySource]) -> torch.Tensor:
+    """The official ``sparse_attn`` (SPEC §6) as a gather over index lists.
+
+    q ``[B,S,H,D]`` bf16; ``sources`` are ``(gather, indices [B,S,k])`` pairs whose gathered keys (K = V, bf16
+    ``[B,s,k,D]``) are concatenated in order (window first, then compressed entries, as the official index list);
+    ``-1`` marks an empty slot. Logits in fp32; an online softmax over blocks of 64 indices whose probabilities are
+    rounded to bf16 for P.V (fp32 accumulation) while the denominator keeps fp32 P; the sink ``[H]`` joins the
+    denominator only. Output bf16.
     """
     bsz, seqlen, heads, dim = q.shape
-    k_total = indices.shape[-1]
+    k_total = sum(idx.shape[-1] for _, idx in sources)
     chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * k_total * dim))
-    flat_kv = kv.reshape(-1, dim)
-    base = (torch.arange(bsz, device=kv.device) * kv.shape[1]).view(bsz, 1, 1)
     outs = []
     for s0 in range(0, seqlen, chunk):
-        idx = indices[:, s0 : s0 + chunk]
-        valid = idx >= 0  # [B, s, K]
-        gathered = flat_kv[(idx.clamp(min=0) + base)].float()  # [B, s, K, D]
-        qs = q[:, s0 : s0 + chunk].float()  # [B, s, H, D]
-        logits = torch.einsum("bshd,bskd->bshk", qs, gathered) * scale
+        parts = [(gather(idx[:, s0 : s0 + chunk]), idx[:, s0 : s0 + chunk] >= 0) for gather, idx in sources]
+        gathered = torch.cat([g for g, _ in parts], dim=2).float()  # [B, s, K, D]
+        valid = torch.cat([v for _, v in parts], dim=2)
+        logits = torch.einsum("bshd,bskd->bshk", q[:, s0 : s0 + chunk].float(), gathered) * scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         running_max = acc = denom = None
         for k0 in range(0, k_total, ATTN_INDEX_BLOCK):
             block = logits[..., k0 : k0 + ATTN_INDEX_BLOCK]
             values = gathered[:, :, k0 : k0 + ATTN_INDEX_BLOCK]
             block_max = block.amax(-1)
-            if running_max is None:
-                new_max = block_max
-            else:
-                new_max = torch.maximum(running_max, block_max)
+            new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
             p = torch.exp(block - new_max.unsqueeze(-1))
             pv = torch.einsum("bshk,bskd->bshd", p.to(torch.bfloat16).float(), values)
             if running_max is None:
@@ -129,13 +148,29 @@ def sparse_attention(
     return torch.cat(outs, dim=1)
 
 
+@dataclass
+class ChunkState:
+    """What one forward chunk needs to know about the sequence so far (shared by every layer)."""
+
+    positions: torch.Tensor  # [B, S] absolute positions, -1 at padding
+    old_len: torch.Tensor  # [B] tokens before the chunk
+    new_len: torch.Tensor  # [B] tokens after the chunk
+
+    @classmethod
+    def prefill(cls, positions: torch.Tensor) -> ChunkState:
+        """A chunk that starts the sequence: ``positions [B, S]`` are ``0 .. S-1`` (``-1`` at padding)."""
+        zeros = positions.new_zeros(positions.shape[0])
+        return cls(positions, zeros, (positions >= 0).sum(1))
+
+
 class DeepseekV4Compressor(nn.Module):
     """Gated pooling of every ``ratio`` consecutive positions into one KV entry (SPEC §4).
 
     Ratio 4 overlaps: entry i pools the first-half channels of block i-1 and the second-half channels of block i.
     Projections, softmax and pooling run in fp32; the pooled entry is cast to bf16, normalised, rotated at the
     position of its block's first token, then FP8-simulated (main compressor) or Hadamard-rotated and
-    FP4-simulated (indexer compressor).
+    FP4-simulated (indexer compressor). Blocks are pooled as soon as their last position arrives, from the raw rows
+    of the chunk and of the cache (the unfinished block and, for overlap, the previous block).
     """
 
     def __init__(self, config: DeepseekV4Config, ratio: int, head_dim: int, rotate: bool) -> None:
@@ -151,39 +186,64 @@ class DeepseekV4Compressor(nn.Module):
         self.wgate = _linear(config.hidden_size, width, dtype=torch.float32)
         self.norm = DeepseekV4RMSNorm(head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Compressed entries for a prefill starting at position 0: ``x [B,S,dim]`` -> ``[B, S // ratio, head_dim]``."""
-        bsz, seqlen, _ = x.shape
-        ratio, d = self.ratio, self.head_dim
-        n_entries = seqlen // ratio
-        xf = x.float()
-        cutoff = n_entries * ratio
-        kv = F.linear(xf[:, :cutoff], self.wkv.weight.float()).unflatten(1, (n_entries, ratio))  # [B, n, r, w]
-        score = F.linear(xf[:, :cutoff], self.wgate.weight.float()).unflatten(1, (n_entries, ratio)) + self.ape
-        if self.overlap:
-            kv = self._overlap(kv, 0.0)
-            score = self._overlap(score, float("-inf"))
-        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, n, d] fp32
-        return self.finish(pooled.to(x.dtype), torch.arange(n_entries, device=x.device) * ratio, inv_freq)
+    def forward(
+        self, x: torch.Tensor, chunk: ChunkState, inv_freq: torch.Tensor, cache: DeepseekV4CacheLayer | None, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries completed by this chunk: ``(entries [B, nb, d] bf16, first entry index [B], count [B])``.
 
-    def _overlap(self, t: torch.Tensor, fill: float) -> torch.Tensor:
-        # [B, n, r, 2d] -> [B, n, 2r, d]: previous block's first half, then this block's second half.
-        b, n, r, _ = t.shape
-        d = self.head_dim
-        out = t.new_full((b, n, 2 * r, d), fill)
-        out[:, :, r:] = t[..., d:]
-        out[:, 1:, :r] = t[:, :-1, :, :d]
-        return out
+        With a cache layer the raw rows of unfinished blocks are kept in (and read from) it under ``name``.
+        """
+        ratio, d = self.ratio, self.head_dim
+        xf = x.float()
+        rows = {
+            "kv": F.linear(xf, self.wkv.weight.float()),  # [B, S, w]
+            "score": F.linear(xf, self.wgate.weight.float()) + self.ape[chunk.positions.clamp(min=0) % ratio],
+        }
+        tail = cache.tail(name) if cache is not None else None
+        prev = 0 if tail is None else tail["kv"].shape[1]
+        view = ChunkView(chunk.positions, chunk.old_len, prev)
+        combined = rows if tail is None else {k: torch.cat([tail[k], rows[k]], dim=1) for k in rows}
+        first, count = chunk.old_len // ratio, chunk.new_len // ratio - chunk.old_len // ratio
+        nb = int(count.max())
+        if cache is not None:
+            cache.set_tail(name, view.keep_last(combined, chunk.new_len, min(cache.tail_cap, prev + x.shape[1])))
+        if nb == 0:
+            return x.new_zeros(x.shape[0], 0, d), first, count
+        blocks = first.unsqueeze(1) + torch.arange(nb, device=x.device)  # [B, nb]
+        span = 2 * ratio if self.overlap else ratio
+        pos = (blocks * ratio - (ratio if self.overlap else 0)).unsqueeze(-1) + torch.arange(span, device=x.device)
+        slots = view.slot(pos)  # [B, nb, span]; -1 = before position 0 (no previous block)
+        g = _take(combined, slots)
+        missing = (slots < 0).unsqueeze(-1)
+        kv, score = g["kv"].masked_fill(missing, 0.0), g["score"].masked_fill(missing, float("-inf"))
+        if self.overlap:  # previous block's first-half channels, then this block's second-half channels
+            kv = torch.cat([kv[:, :, :ratio, :d], kv[:, :, ratio:, d:]], dim=2)
+            score = torch.cat([score[:, :, :ratio, :d], score[:, :, ratio:, d:]], dim=2)
+        pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, nb, d] fp32
+        return self.finish(pooled.to(x.dtype), blocks * ratio, inv_freq), first, count
 
     def finish(self, pooled: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Norm, RoPE at ``positions [n]`` and the low-precision simulation of pooled bf16 entries ``[B, n, d]``."""
+        """Norm, RoPE at ``positions [B, n]`` and the low-precision simulation of pooled bf16 entries ``[B, n, d]``."""
         kv = self.norm(pooled)
         rd = self.rope_dim
-        rope = apply_rope(kv[..., -rd:], rope_cis(inv_freq, positions).unsqueeze(0))
+        rope = apply_rope(kv[..., -rd:], rope_cis(inv_freq, positions))
         if self.rotate:
             kv = torch.cat([kv[..., :-rd], rope], dim=-1)
             return fp4_simulate(hadamard_rotate(kv), INDEXER_FP4_BLOCK)
         return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), rope], dim=-1)
+
+
+def _entries(
+    new: torch.Tensor, first: torch.Tensor, count: torch.Tensor, cache: DeepseekV4CacheLayer | None, name: str,
+    pack: Callable[[torch.Tensor], Store], unpack: Callable[[Store], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Store this chunk's new entries (with a cache) and return a gather over every entry of the sequence."""
+    if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
+        return dense_source(new, first.new_zeros(1, 1, 1))[0]
+    cache.write_entries(name, pack(new), first, count)
+    if name not in cache.entries:  # no entry complete yet: every index list is empty
+        return dense_source(new, first.new_zeros(1, 1, 1))[0]
+    return lambda idx: unpack(cache.read_entries(name, idx))
 
 
 class DeepseekV4Indexer(nn.Module):
@@ -208,12 +268,19 @@ class DeepseekV4Indexer(nn.Module):
         return fp4_simulate(hadamard_rotate(q), INDEXER_FP4_BLOCK)
 
     def forward(
-        self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, cis: torch.Tensor, inv_freq: torch.Tensor
+        self, x: torch.Tensor, qr: torch.Tensor, chunk: ChunkState, cis: torch.Tensor, inv_freq: torch.Tensor,
+        cache: DeepseekV4CacheLayer | None = None,
     ) -> torch.Tensor:
-        """Prefill from position 0: top-k compressed-entry ids per query ``[B, S, min(topk, S // 4)]``, ``-1`` where
-        the query cannot see the entry yet (SPEC §4 Indexer)."""
-        keys = self.compressor(x, inv_freq)  # [B, n, d], FP4-simulated
-        return self.select(x, self.queries(qr, cis), keys, positions, keys.shape[1])
+        """Top-k compressed-entry ids per query ``[B, S, min(topk, n)]``, ``-1`` where the query cannot see the
+        entry yet (SPEC §4 Indexer); ``n`` = complete entries of the longest row."""
+        new, first, count = self.compressor(x, chunk, inv_freq, cache, "index")
+        n = int((chunk.new_len // self.ratio).max())
+        if cache is None:
+            keys = new
+        else:
+            cache.write_entries("index", pack_index_keys(new), first, count)
+            keys = unpack_index_keys(cache.entries["index"])[:, :n] if n else new
+        return self.select(x, self.queries(qr, cis), keys, chunk.positions, n)
 
     def select(
         self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_entries: int
@@ -223,15 +290,16 @@ class DeepseekV4Indexer(nn.Module):
         Scores are a bf16 einsum of the FP4-simulated queries with the FP4-simulated keys, ReLU, weighted by
         ``weights_proj(x) * d^-0.5 * H^-0.5`` and summed over heads, all in bf16 as the official code does.
         """
-        weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
+        bsz, seqlen = positions.shape
         n = n_entries
         k = min(self.topk, n)
-        bsz, seqlen = positions.shape
-        chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * max(n, 1)))
+        if k == 0:
+            return positions.new_full((bsz, seqlen, 0), -1)
+        weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
+        chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * n))
         out = []
         for s0 in range(0, seqlen, chunk):
-            qs = q[:, s0 : s0 + chunk]
-            score = torch.einsum("bshd,btd->bsht", qs, keys[:, :n])
+            score = torch.einsum("bshd,btd->bsht", q[:, s0 : s0 + chunk], keys[:, :n])
             score = (score.relu() * weights[:, s0 : s0 + chunk].unsqueeze(-1)).sum(dim=2)  # [B, s, n] bf16
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
@@ -288,34 +356,49 @@ class DeepseekV4Attention(nn.Module):
         kv = self.kv_norm(self.wkv(x))
         return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), apply_rope(kv[..., -rd:], cis)], dim=-1)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x [B,S,dim]`` (normed, bf16) at absolute ``positions [B,S]`` of a prefill starting at 0."""
+    def forward(
+        self, x: torch.Tensor, chunk: ChunkState, cache: DeepseekV4CacheLayer | None = None
+    ) -> torch.Tensor:
+        """``x [B,S,dim]`` (normed, bf16) of a chunk (see :class:`ChunkState`); ``cache`` holds earlier chunks."""
         bsz, seqlen, _ = x.shape
         rd = self.rope_dim
+        positions = chunk.positions
         inv_freq = self.inv_freq
-        cis = rope_cis(inv_freq, positions)  # [B, S, rd/2]
+        cis = rope_cis(inv_freq, positions.clamp(min=0))  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.heads, self.head_dim))
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)  # bf16 arithmetic, no weight (SPEC §7)
         q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
 
+        # Window keys: the cached window of earlier chunks, then this chunk's KV.
         kv = self.window_kv(x, cis)
-        # Rows of `keys`: the window KV of every position, then compressed entries at offset `seqlen`.
-        indices = window_indices(positions, self.window)
-        keys = kv
+        prev = cache.window_len() if cache is not None else 0
+        local = kv if prev == 0 else torch.cat([unpack_kv(cache.window), kv], dim=1)
+        view = ChunkView(positions, chunk.old_len, prev)
+        win_idx = view.slot(window_positions(positions, self.window))  # [B, S, w]
+        # A padding query attends to its own slot only (its output is discarded; this keeps the softmax finite).
+        own = prev + torch.arange(seqlen, device=x.device)
+        win_idx[..., 0] = torch.where(positions < 0, own, win_idx[..., 0])
+        sources = [dense_source(local, win_idx)]
+        if cache is not None:
+            packed = pack_kv(kv, rd) if prev == 0 else {
+                k: torch.cat([cache.window[k], v], dim=1) for k, v in pack_kv(kv, rd).items()
+            }  # fmt: skip
+            cache.set_window(view.keep_last(packed, chunk.new_len, min(cache.window_cap, prev + seqlen)))
+
         if self.ratio:
-            n_entries = seqlen // self.ratio
-            compressed = self.compressor(x, inv_freq)  # [B, n, D]
-            visible = (positions + 1) // self.ratio
+            new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv")
+            gather = _entries(new, first, count, cache, "kv", lambda t: pack_kv(t, rd), unpack_kv)
             if self.indexer is not None:
-                picked = self.indexer(x, qr, positions, cis, inv_freq)
+                picked = self.indexer(x, qr, chunk, cis, inv_freq, cache)
             else:
-                picked = torch.arange(n_entries, device=x.device).expand(bsz, seqlen, n_entries)
+                n = int((chunk.new_len // self.ratio).max())
+                visible = (positions + 1) // self.ratio
+                picked = torch.arange(n, device=x.device).expand(bsz, seqlen, n)
                 picked = torch.where(picked >= visible.unsqueeze(-1), -1, picked)
-            indices = torch.cat([indices, torch.where(picked >= 0, picked + seqlen, -1)], dim=-1)
-            keys = torch.cat([kv, compressed], dim=1)
-        o = sparse_attention(q, keys, self.attn_sink, indices, self.scale)
+            sources.append((gather, picked))
+        o = sparse_attention(q, self.attn_sink, self.scale, sources)
         o = torch.cat([o[..., :-rd], apply_rope(o[..., -rd:], cis, inverse=True)], dim=-1)
         o = o.view(bsz, seqlen, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, self.o_lora_rank, -1).to(o.dtype)
@@ -454,10 +537,18 @@ class DeepseekV4DecoderLayer(nn.Module):
         return y.to(out.dtype)
 
     def forward(
-        self, streams: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor | None
+        self,
+        streams: torch.Tensor,
+        chunk: ChunkState | torch.Tensor,
+        input_ids: torch.Tensor | None,
+        cache: DeepseekV4CacheLayer | None = None,
     ) -> torch.Tensor:
+        """``streams [B,S,hc,dim]`` of a chunk (a :class:`ChunkState`, or plain positions ``[B,S]`` of a prefill
+        from position 0) -> streams after the layer; ``cache`` holds this layer's state of earlier chunks."""
+        if not isinstance(chunk, ChunkState):
+            chunk = ChunkState.prefill(chunk)
         x, post, comb = self._hc_pre(streams, "attn")
-        x = self.attn(self.attn_norm(x), positions)
+        x = self.attn(self.attn_norm(x), chunk, cache)
         streams = self._hc_post(x, streams, post, comb)
         x, post, comb = self._hc_pre(streams, "ffn")
         x = self.ffn(self.ffn_norm(x), input_ids)
@@ -493,7 +584,7 @@ class DeepseekV4MTPBlock(DeepseekV4DecoderLayer):
     ) -> torch.Tensor:
         """Main-model final ``streams [B,S,hc,dim]`` + ``embeds`` of the next tokens -> normed hidden ``[B,S,dim]``."""
         x = self.e_proj(self.enorm(embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
-        x = super().forward(x, positions, next_ids)
+        x = super().forward(x, ChunkState.prefill(positions), next_ids)
         x = hc_head_reduce(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps, self.hc_eps)
         return self.norm(x)
 
@@ -528,6 +619,12 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = [
         "norm", "attn_sink", "hc_", "ape", "compressor.wkv", "compressor.wgate", "gate.bias", "head",
     ]  # fmt: skip
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype is its embedding's (bf16 in the release): the fp32 norms / mixers / head are kept-in-fp32
+        exceptions (SPEC §3-§4), and save_pretrained writes this as `torch_dtype`."""
+        return self.get_input_embeddings().weight.dtype
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):  # type: ignore[override]
@@ -637,34 +734,73 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         **kwargs: object,
     ) -> DeepseekV4ModelOutput:
         self._check_inputs(input_ids, inputs_embeds)
-        if past_key_values is not None:
-            raise NotImplementedError("incremental decoding with a KV cache is not available yet; use use_cache=False")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise NotImplementedError("padded batches (attention_mask with zeros) are not supported yet")
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, seqlen = embeds.shape[:2]
-        positions = torch.arange(seqlen, device=embeds.device).expand(bsz, seqlen)
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, DeepseekV4Cache):
+            raise TypeError(f"past_key_values must be a DeepseekV4Cache, got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = DeepseekV4Cache(config=self.config)
+        chunk = self._chunk_state(attention_mask, cache, bsz, seqlen, embeds.device)
         streams = embeds.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B, S, hc, dim]
         all_streams = [streams] if output_hidden_states else None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                streams = self._gradient_checkpointing_func(layer.__call__, streams, positions, input_ids)
+        for i, layer in enumerate(self.layers):
+            state = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and state is None:
+                streams = self._gradient_checkpointing_func(layer.__call__, streams, chunk, input_ids)
             else:
-                streams = layer(streams, positions, input_ids)
+                streams = layer(streams, chunk, input_ids, state)
             if all_streams is not None:
                 all_streams.append(streams)
+        if cache is not None:
+            cache.commit(chunk.new_len, seqlen)
         hidden = hc_head_reduce(
             streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config.rms_norm_eps,
             self.config.hc_eps,
         )  # fmt: skip
         return DeepseekV4ModelOutput(
             last_hidden_state=self.norm(hidden),
+            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_streams) if all_streams is not None else None,
             streams=streams,
         )
+
+    def _chunk_state(
+        self, attention_mask: torch.Tensor | None, cache: DeepseekV4Cache | None, bsz: int, seqlen: int, device
+    ) -> ChunkState:
+        """Positions of this chunk's tokens from the cache's per-row lengths and the padding in ``attention_mask``
+        (``[B, past + S]`` as generate() passes it, or ``[B, S]``)."""
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            valid = torch.ones(bsz, seqlen, dtype=torch.bool, device=device)
+        else:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] not in (
+                seqlen, past + seqlen
+            ):
+                raise ValueError(
+                    f"attention_mask: expected shape [{bsz}, {seqlen}] or [{bsz}, {past + seqlen}] (past + new tokens), "
+                    f"got {list(attention_mask.shape)}"
+                )
+            valid = attention_mask[:, -seqlen:].bool()
+        if cache is None:
+            old = torch.zeros(bsz, dtype=torch.long, device=device)
+        else:
+            if cache.lengths is not None and cache.lengths.shape[0] != bsz:
+                raise ValueError(f"input batch size {bsz} does not match the cache's {cache.lengths.shape[0]}")
+            old = cache.lengths if cache.lengths is not None else torch.zeros(bsz, dtype=torch.long, device=device)
+        positions = torch.where(valid, old.unsqueeze(1) + valid.long().cumsum(1) - 1, -1)
+        new = old + valid.long().sum(1)
+        limit = self.config.max_position_embeddings
+        if int(new.max()) > limit:
+            raise ValueError(
+                f"position {int(new.max()) - 1} is beyond max_position_embeddings={limit} "
+                "(the YaRN-extended context of this checkpoint)"
+            )
+        return ChunkState(positions, old, new)
 
 
 class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
@@ -687,8 +823,7 @@ class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # The compressed KV state does not fit transformers' DynamicCache; until DeepseekV4Cache lands, generate()
-        # re-runs the full prefix each step (exact, since every step is a prefill from position 0).
+        # generate() must not build a DynamicCache: the forward creates its DeepseekV4Cache on the first call.
         return False
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -742,5 +877,9 @@ class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return DeepseekV4CausalLMOutput(
-            loss=loss, logits=logits, hidden_states=out.hidden_states, streams=out.streams
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            streams=out.streams,
         )
