@@ -220,6 +220,8 @@ class DeepseekV4Compressor(nn.Module):
             kv = torch.cat([kv[:, :, :ratio, :d], kv[:, :, ratio:, d:]], dim=2)
             score = torch.cat([score[:, :, :ratio, :d], score[:, :, ratio:, d:]], dim=2)
         pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, nb, d] fp32
+        # Rows of a padded batch complete fewer blocks: their surplus slots (all -inf scores) are zeroed, not NaN.
+        pooled = pooled.masked_fill((torch.arange(nb, device=x.device) >= count.unsqueeze(1)).unsqueeze(-1), 0.0)
         return self.finish(pooled.to(x.dtype), blocks * ratio, inv_freq), first, count
 
     def finish(self, pooled: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,7 @@ class DeepseekV4Indexer(nn.Module):
             score = (score.relu() * weights[:, s0 : s0 + chunk].unsqueeze(-1)).sum(dim=2)  # [B, s, n] bf16
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
-            score = score + torch.where(hidden, float("-inf"), 0.0).to(score.dtype)
+            score = score.masked_fill(hidden, float("-inf"))
             top = score.topk(k, dim=-1).indices
             out.append(torch.where(top >= visible.unsqueeze(-1), -1, top))
         return torch.cat(out, dim=1)

@@ -1,0 +1,167 @@
+"""DeepseekV4Cache: decode parity with the official decode path, chunked prefill, padding, crop, beam search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from helpers import require_fixture
+from transformers_deepseek.modeling.cache_deepseek_v4 import DeepseekV4Cache, pack_index_keys, pack_kv, unpack_index_keys, unpack_kv
+from transformers_deepseek.parity import checkpoint_dir, load_golden, rel_l2
+
+
+def _load(name):
+    golden = load_golden(require_fixture(name))
+    with checkpoint_dir(golden.root) as ckpt:
+        return AutoModelForCausalLM.from_pretrained(ckpt).eval(), golden
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return _load("tiny-bf16")
+
+
+@pytest.mark.parametrize(("name", "key", "prefill"), [
+    ("tiny-bf16", "decode.logits", 200), ("tiny-fp8-fp4", "decode.logits", 200), ("tiny-fp8-fp4", "decode_b.logits", 198),
+])  # fmt: skip
+def test_decode_matches_official_decode_path(name, key, prefill):
+    model, golden = _load(name)
+    expected = golden.tensors[key]
+    ids = golden.input_ids
+    picked = {1: [], 3: []}
+    hooks = [model.layers[i].attn.indexer.register_forward_hook(lambda m, a, o, i=i: picked[i].append(o)) for i in picked]
+    cache = DeepseekV4Cache(config=model.config)
+    with torch.no_grad():
+        got = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1]]
+        for step in range(1, expected.shape[0]):
+            got.append(model(ids[:, prefill + step - 1 : prefill + step], past_key_values=cache).logits[:, -1])
+    for h in hooks:
+        h.remove()
+    floor = golden.end_to_end_floor
+    for step, logits in enumerate(got):
+        assert rel_l2(logits, expected[step]) <= floor, step
+        # In fact the official decode path is reproduced: fp32 head noise only.
+        assert rel_l2(logits, expected[step]) < 1e-5, step
+    if key == "decode.logits":  # per-step indexer top-k (golden ids carry the window offset)
+        window = model.config.sliding_window
+        for layer, outs in picked.items():
+            ours = torch.cat(outs[1:], dim=1)  # [B, steps, k]
+            theirs = golden.tensors[f"decode.layer{layer}.indexer_topk"].squeeze(2).transpose(0, 1).long() - window
+            assert torch.equal(ours, theirs), layer
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.integers(1, 119), min_size=1, max_size=3, unique=True))
+def test_chunked_prefill_and_decode_match_one_prefill(bf16, cuts):
+    """Any split into chunks (single tokens included) gives the one-prefill logits, up to the shape-dependent
+    rounding the official model shows between its own prefill and decode paths (SPEC §10: bounded by the noise
+    floor; a structural error is 3-5x above it, see the fixture ablations)."""
+    model, golden = bf16
+    ids = golden.input_ids[:, :120]
+    bounds = [0, *sorted(cuts), 120]
+    cache = DeepseekV4Cache(config=model.config)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        parts = [model(ids[:, a:b], past_key_values=cache).logits for a, b in zip(bounds, bounds[1:])]
+    chunked = torch.cat(parts, dim=1)
+    assert rel_l2(chunked, full) <= golden.end_to_end_floor
+    assert (chunked.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+    assert cache.get_seq_length() == 120 and cache.lengths.tolist() == [120, 120]
+
+
+def test_left_padded_batch_rows_match_unbatched_runs(bf16):
+    model, golden = bf16
+    a, b = golden.input_ids[0, :90], golden.input_ids[1, :130]
+    batch = torch.zeros(2, 130, dtype=torch.long)
+    mask = torch.zeros(2, 130, dtype=torch.long)
+    batch[0, 40:], mask[0, 40:] = a, 1
+    batch[1], mask[1] = b, 1
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask, use_cache=False).logits
+        alone = [model(a[None], use_cache=False).logits[0], model(b[None], use_cache=False).logits[0]]
+        gen = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        gen_a = model.generate(a[None], max_new_tokens=6, do_sample=False)
+    # Same values up to the batch-shape-dependent rounding of the CPU kernels, which FP8/FP4 rounding and top-k
+    # amplify exactly as between the official model's own prefill and decode paths (bounded by the end-to-end
+    # noise floor; the issue's 1e-3 is NOT met, see CHANGELOG "Known limitations"). A padding bug is far above
+    # (a NaN-padding bug fixed earlier showed 0.26).
+    assert rel_l2(padded[0, 40:], alone[0]) <= golden.end_to_end_floor
+    assert rel_l2(padded[1], alone[1]) <= golden.end_to_end_floor
+    assert gen.shape == (2, 136) and gen_a.shape == (1, 96)
+    assert (padded[0, 40:].argmax(-1) == alone[0].argmax(-1)).float().mean() > 0.9
+
+
+def test_crop_then_redecode_equals_uncropped(bf16):
+    model, golden = bf16
+    ids = golden.input_ids[:, :150]
+    with torch.no_grad():
+        ref_cache = DeepseekV4Cache(config=model.config)
+        model(ids[:, :140], past_key_values=ref_cache)
+        ref = [model(ids[:, t : t + 1], past_key_values=ref_cache).logits for t in range(140, 150)]
+        cache = DeepseekV4Cache(config=model.config)
+        model(ids[:, :140], past_key_values=cache)
+        for t in range(140, 147):
+            model(ids[:, t : t + 1], past_key_values=cache)
+        cache.crop(-7)  # back to 140 tokens, across a compressed-block boundary (ratio 4)
+        assert cache.get_seq_length() == 140
+        again = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(140, 150)]
+    for r, g in zip(ref, again):
+        assert torch.equal(r, g)
+    with pytest.raises(ValueError, match="crop"):
+        cache.crop(-(cache.max_crop + 1))
+
+
+def test_storage_is_lossless_and_small(bf16):
+    model, golden = bf16
+    cache = DeepseekV4Cache(config=model.config)
+    with torch.no_grad():
+        model(golden.input_ids, past_key_values=cache)
+    for layer in cache.layers:
+        if layer.window is not None:
+            kv = unpack_kv(layer.window)
+            assert torch.equal(unpack_kv(pack_kv(kv, model.config.qk_rope_head_dim)), kv)
+        if "index" in layer.entries:
+            keys = unpack_index_keys(layer.entries["index"])
+            assert torch.equal(unpack_index_keys(pack_index_keys(keys)), keys)
+    # FP8 nope dims + bf16 rope: 64 + 1 + 128 bytes per 128-dim KV row instead of 256 in bf16.
+    window = cache.layers[0].window
+    per_row = sum(t[0, 0].numel() * t.element_size() for t in window.values())
+    assert per_row == 64 + 1 + 64 * 2
+    assert cache.nbytes == sum(r["window_bytes"] + r["compressor_bytes"] + r["entry_bytes"] + r["index_key_bytes"]
+                               for r in cache.memory_report())  # fmt: skip
+
+
+def test_beam_search_and_sampling_run(bf16):
+    model, golden = bf16
+    ids = golden.input_ids[:, :40]
+    with torch.no_grad():
+        beams = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, num_return_sequences=3)
+        sampled = model.generate(ids, max_new_tokens=5, do_sample=True, top_k=20)
+    assert beams.shape == (6, 45) and sampled.shape == (2, 45)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"attention_mask": torch.ones(2, 7, dtype=torch.long)}, "attention_mask"),
+        ({"attention_mask": torch.ones(3, 10, dtype=torch.long)}, "attention_mask"),
+    ],
+)
+def test_bad_cache_inputs(bf16, kwargs, field):
+    model, golden = bf16
+    with pytest.raises(ValueError, match=field):
+        model(golden.input_ids[:, :10], **kwargs)
+
+
+def test_position_beyond_max_position_embeddings(bf16):
+    model, golden = bf16
+    cache = DeepseekV4Cache(config=model.config)
+    limit = model.config.max_position_embeddings
+    with torch.no_grad():
+        model(golden.input_ids[:, :300], past_key_values=cache)
+        model(golden.input_ids[:, : limit - 300], past_key_values=cache)
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            model(golden.input_ids[:, :1], past_key_values=cache)
