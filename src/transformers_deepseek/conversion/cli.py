@@ -57,8 +57,11 @@ def add_convert_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="released config.json (default: INPUT_DIR/config.json)")
     p.set_defaults(make=lambda a: converters.from_inference(a.input_dir, a.output_dir, a.config, a.max_shard_size))
 
-    p = sub.add_parser("fp4-to-fp8", help="FP4 experts -> FP8 (lossless re-encode)",
-                       description="Routed experts FP4 e2m1 (1x32 scales) -> FP8 e4m3 (128x128 scales), lossless.")
+    p = sub.add_parser(
+        "fp4-to-fp8",
+        help="FP4 experts -> FP8 (lossless re-encode)",
+        description="Routed experts FP4 e2m1 (1x32 scales) -> FP8 e4m3 (128x128 scales), lossless.",
+    )
     _common(p)
     p.set_defaults(make=lambda a: converters.fp4_to_fp8(a.input_dir, a.output_dir))
 

@@ -243,9 +243,13 @@ def _recode_job(
                 w, s = formats.fp4_to_fp8(reader.get(f"{t.base}.weight"), reader.get(f"{t.base}.scale"), name=t.base)
                 return {f"{t.base}.weight": w, f"{t.base}.scale": s}
             w = decode(t, fmt_in, reader.get)
+            hint = hints.get(t)
             if delta is not None:
                 w = delta(w)
-            return encode(t, fmt_out, w, hints.get(t) if delta is None else None)
+                # The tensor's own scale is kept only if it still encodes the merged values exactly (a zero LoRA
+                # update, as PEFT initialises B); otherwise the official rule decides.
+                hint = reader.get(f"{t.base}.scale") if fmt_in == fmt_out and fmt_in != "bf16" else None
+            return encode(t, fmt_out, w, hint)
 
         return produce
 
@@ -288,7 +292,9 @@ def dequantize(input_dir: Path, output_dir: Path, keep_scales: bool = True) -> J
             raise ValueError(f"input {input_dir} is already bf16 (config.json has no quantization_config)")
         return Layout("bf16", "bf16")
 
-    return _recode_job("dequantize", input_dir, output_dir, target, {"keep_scales": keep_scales}, keep_scales=keep_scales)
+    return _recode_job(
+        "dequantize", input_dir, output_dir, target, {"keep_scales": keep_scales}, keep_scales=keep_scales
+    )
 
 
 def quantize(input_dir: Path, output_dir: Path, expert_dtype: str = "fp4", use_source_scales: bool = True) -> Job:
@@ -375,6 +381,12 @@ def read_lora(adapter_dir: Path, plan: Plan) -> dict[str, tuple[torch.Tensor, to
     return out
 
 
+def _add_delta(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``w + delta`` in fp32, cast back; elements with a zero update keep their exact value (incl. the FP4 -0 code,
+    which ``-0.0 + 0.0`` would turn into +0)."""
+    return torch.where(delta == 0, w.float(), w.float() + delta).to(w.dtype)
+
+
 def _leaf_base(t: Tensor) -> str:
     return t.base[: -len(".weight")] if not t.is_linear and t.base.endswith(".weight") else t.base
 
@@ -397,7 +409,7 @@ def merge_lora(input_dir: Path, output_dir: Path, adapter_dir: Path) -> Job:
         a, b, scaling = by_base[t.base]
 
         def apply(w: torch.Tensor) -> torch.Tensor:
-            return (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+            return _add_delta(w, scaling * (b.float() @ a.float()))
 
         return apply
 
@@ -424,7 +436,7 @@ def _merge_leaves(job: Job, plan: Plan, by_base: dict[str, tuple[torch.Tensor, t
 
             def produce(inner=inner, name=name, a=a, b=b, scaling=scaling) -> dict[str, torch.Tensor]:
                 w = inner()[name]
-                return {name: (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)}
+                return {name: _add_delta(w, scaling * (b.float() @ a.float()))}
 
             g.produce = produce
 
@@ -514,7 +526,10 @@ def to_inference(input_dir: Path, output_dir: Path, mp: int, expert_dtype: str =
     ]  # fmt: skip
     if kept:
         files.append(
-            OutputFile(SOURCE_SCALES, [Group([(e.name, e.dtype, e.shape)], (lambda n=e.name: {n: reader.get(n)})) for e in kept])
+            OutputFile(
+                SOURCE_SCALES,
+                [Group([(e.name, e.dtype, e.shape)], (lambda n=e.name: {n: reader.get(n)})) for e in kept],
+            )
         )
     out_layout = Layout(layout.dense, expert_dtype if layout.experts == "fp4" else layout.experts)
 
@@ -608,7 +623,11 @@ def from_inference(
         "from-inference",
         input_dir,
         output_dir,
-        _identity(readers[0], {"model_parallel": mp, "max_shard_size": max_shard_size}, [p for p in files] + [input_dir / SOURCE_SCALES]),
+        _identity(
+            readers[0],
+            {"model_parallel": mp, "max_shard_size": max_shard_size},
+            [p for p in files] + [input_dir / SOURCE_SCALES],
+        ),
         _pack(groups, max_shard_size),
         _extras(input_dir, raw, layout_out),
         summary={"model_parallel": mp, "layout_out": vars(layout_out), "used_source_scales": hints.reader is not None},
@@ -720,14 +739,16 @@ def from_native(
             if x.base in resolved:
                 problems.append(f"{x.base}: provided twice, by {resolved[x.base][0]!r} and {key!r}")
             resolved[x.base] = (key, how)
-    problems += [f"{t.base}: missing (no native or released name for it)" for t in plan.tensors if t.base not in resolved]
+    problems += [
+        f"{t.base}: missing (no native or released name for it)" for t in plan.tensors if t.base not in resolved
+    ]
     if problems:
         raise ValueError(f"input {input_dir}: {len(problems)} problem(s): " + "; ".join(problems[:20]))
     inexact: list[str] = []
 
     def producer(t: Tensor) -> Callable[[], dict[str, torch.Tensor]]:
         key, how = resolved[t.base]
-        (name, (dtype, _)), = t.stored(layout).items()
+        ((name, (dtype, _)),) = t.stored(layout).items()
 
         def produce() -> dict[str, torch.Tensor]:
             if how == "merged":

@@ -51,7 +51,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise ValueError(f"shard {path}: {size} bytes, too short for a safetensors header (truncated?)")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, _HEADER_LIMIT):
-            raise ValueError(f"shard {path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
+            raise ValueError(
+                f"shard {path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -104,7 +106,9 @@ class Reader:
             for name, file in self.index.items():
                 info = self.tensors.get(name)
                 if info is None or info.file.name != file:
-                    raise ValueError(f"tensor {name!r}: the index says {file}, the shards say {info and info.file.name}")
+                    raise ValueError(
+                        f"tensor {name!r}: the index says {file}, the shards say {info and info.file.name}"
+                    )
         self._handles: dict[Path, Any] = {}
 
     def _handle(self, path: Path) -> Any:
@@ -155,7 +159,7 @@ class ShardWriter:
         self.specs = list(specs)
         self._next = 0
         self._hash = hashlib.sha256()
-        self._f = open(path, "wb")
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close() / abort())
         self._emit(struct.pack("<Q", len(raw)) + raw)
 
     def _emit(self, data: bytes | memoryview) -> None:
@@ -169,7 +173,9 @@ class ShardWriter:
         found_dtype = ST_NAMES.get(tensor.dtype)
         found_shape = tuple(tensor.shape) if dtype != "F4" else (*tensor.shape[:-1], tensor.shape[-1] * 2)
         if found_dtype != dtype or found_shape != shape:
-            raise ValueError(f"tensor {name!r}: produced {found_dtype} {list(found_shape)}, planned {dtype} {list(shape)}")
+            raise ValueError(
+                f"tensor {name!r}: produced {found_dtype} {list(found_shape)}, planned {dtype} {list(shape)}"
+            )
         data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
         self._emit(memoryview(data).cast("B"))
         self._next += 1
@@ -282,7 +288,9 @@ def run_job(job: Job, progress: bool = True, log: Callable[[str], None] | None =
             raise ValueError(f"{partial} exists without a conversion journal; refusing to touch it")
         journal = json.loads(journal_path.read_text())
         if journal.get("job_id") != job_id:
-            raise ValueError(f"{partial} belongs to another conversion ({journal.get('job_id')}); refusing to reuse it")
+            raise ValueError(
+                f"{partial} belongs to another conversion ({journal.get('job_id')}); refusing to reuse it"
+            )
         done = journal.get("files", {})
         log(f"resuming {job.command} in {partial} ({len(done)} file(s) journaled)")
     else:
@@ -305,7 +313,12 @@ def run_job(job: Job, progress: bool = True, log: Callable[[str], None] | None =
         for of in job.files:
             target = partial / of.name
             rec = done.get(of.name)
-            if rec and target.is_file() and target.stat().st_size == rec["size"] and sha256_file(target) == rec["sha256"]:
+            if (
+                rec
+                and target.is_file()
+                and target.stat().st_size == rec["size"]
+                and sha256_file(target) == rec["sha256"]
+            ):
                 skipped += 1
                 if bar is not None:
                     bar.update(of.nbytes)
