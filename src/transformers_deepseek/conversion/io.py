@@ -37,8 +37,10 @@ _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own header size limit
 class TensorInfo:
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as safetensors counts it (F4: values)
     file: Path
+    offset: int = 0  # absolute file offset of the data
+    nbytes: int = 0
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -72,7 +74,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"shard {path} is truncated: tensor {name!r} ends at data byte {end} but the file holds only {data} "
                 "data bytes"
             )
-        out[name] = TensorInfo(name, dtype, shape, path)
+        out[name] = TensorInfo(name, dtype, shape, path, 8 + n + start, end - start)
     return out
 
 
@@ -111,19 +113,29 @@ class Reader:
                     )
         self._handles: dict[Path, Any] = {}
 
-    def _handle(self, path: Path) -> Any:
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), "pt")
-        return self._handles[path]
+    def _read(self, info: TensorInfo, offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
+        # Plain reads into a fresh buffer, not mmap: mapped pages would count in the resident set until unmapped,
+        # so memory stays one tensor whatever the checkpoint size.
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if info.file not in self._handles:
+            self._handles[info.file] = open(info.file, "rb")  # noqa: SIM115 (closed by close())
+        f = self._handles[info.file]
+        f.seek(offset)
+        if f.readinto(memoryview(buf.numpy())) != nbytes:
+            raise ValueError(f"shard {info.file}: tensor {info.name!r} could not be read in full (truncated?)")
+        if info.dtype == "F4":
+            shape = (*shape[:-1], shape[-1] // 2)  # float4_e2m1fn_x2 holds two values per element
+        return buf.view(ST_DTYPES[info.dtype]).view(shape) if shape else buf.view(ST_DTYPES[info.dtype])[0]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.tensors[name].file).get_tensor(name)
+        info = self.tensors[name]
+        return self._read(info, info.offset, info.nbytes, info.shape)
 
     def get_rows(self, name: str, index: int) -> torch.Tensor:
         """``tensor[index]`` read without loading the rest (a 3-D merged expert tensor)."""
-        return self._handle(self.tensors[name].file).get_slice(name)[index]
+        info = self.tensors[name]
+        row = info.nbytes // info.shape[0]
+        return self._read(info, info.offset + index * row, row, info.shape[1:])
 
     def fingerprint(self) -> list[tuple[str, int, int]]:
         out = []
@@ -133,6 +145,8 @@ class Reader:
         return out
 
     def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
 
 
