@@ -224,6 +224,19 @@ class DeepseekV4CacheLayer:
             self.window = {k: shift(v) for k, v in self.window.items()}
         self.tails = {name: {k: shift(v) for k, v in s.items()} for name, s in self.tails.items()}
 
+    def drop_last_rows(self, counts: torch.Tensor) -> None:
+        """Forget the last ``counts[b]`` positions of row ``b`` (``[B]``): :meth:`drop_last` with a per-row count
+        (speculative decoding rejects a different number of draft tokens in each row)."""
+
+        def shift(t: torch.Tensor) -> torch.Tensor:
+            src = torch.arange(t.shape[1], device=t.device) - counts.to(t.device).unsqueeze(1)  # [B, T]
+            kept = _take({"t": t}, src)["t"]
+            return kept.masked_fill((src < 0).view(*src.shape, *([1] * (t.dim() - 2))), 0)
+
+        if self.window is not None:
+            self.window = {k: shift(v) for k, v in self.window.items()}
+        self.tails = {name: {k: shift(v) for k, v in s.items()} for name, s in self.tails.items()}
+
 
 class DeepseekV4Cache(Cache):
     """Compressed KV cache for :class:`DeepseekV4ForCausalLM` (pass it as ``past_key_values``; ``generate`` creates
@@ -231,6 +244,11 @@ class DeepseekV4Cache(Cache):
 
     ``max_crop`` is how many of the most recent tokens :meth:`crop` can take back exactly (speculative decoding);
     the window and compressor buffers keep that much extra history.
+
+    ``mtp_layers`` hold the state of the MTP blocks (one per block, its own compress ratio; SPEC §4) and
+    ``mtp_lengths`` their per-row lengths: MTP position ``t`` reads the main model's streams at ``t`` and token
+    ``t + 1``, so it trails the main model. They are filled by ``mtp_logits(..., past_key_values=cache)`` only;
+    :meth:`crop` leaves them alone (speculative decoding feeds them accepted tokens only).
     """
 
     def __init__(self, config=None, max_crop: int = 64, **kwargs) -> None:
@@ -245,6 +263,12 @@ class DeepseekV4Cache(Cache):
         self.lengths: torch.Tensor | None = None  # [B] tokens seen per row (padding excluded)
         self.columns = 0  # input columns seen (padding included): what generate() calls the sequence length
         self._crop_budget = 0  # tokens crop() can still take back exactly
+        first = config.num_hidden_layers
+        self.mtp_layers = [
+            DeepseekV4CacheLayer(config.sliding_window, r, config.qk_rope_head_dim, max_crop)
+            for r in config.compress_ratios[first : first + config.num_nextn_predict_layers]
+        ]
+        self.mtp_lengths: list[torch.Tensor | None] = [None] * len(self.mtp_layers)  # [B] per MTP block
 
     # -- what generate() and users ask -----------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -307,21 +331,54 @@ class DeepseekV4Cache(Cache):
         self.columns -= remove
         self._crop_budget -= remove
 
+    def crop_rows(self, counts: torch.Tensor) -> None:
+        """Take back the last ``counts[b]`` tokens of row ``b`` (``[B]``, each ``<= max_crop``): speculative
+        decoding's per-row rollback. The removed tokens become padding columns, so :attr:`columns` is unchanged."""
+        counts = counts.to(torch.long)
+        worst = int(counts.max()) if counts.numel() else 0
+        if worst <= 0:
+            return
+        if int(counts.min()) < 0:
+            raise ValueError(f"crop_rows: counts must be >= 0, got {counts.tolist()}")
+        if worst > self._crop_budget:
+            raise ValueError(
+                f"crop_rows: can take back {self._crop_budget} more tokens exactly (max_crop={self.max_crop}), "
+                f"asked for {worst}"
+            )
+        if self.lengths is None or bool((self.lengths < counts).any()):
+            raise ValueError(f"crop_rows: a row has fewer tokens than asked for ({counts.tolist()})")
+        for layer in self.layers:
+            layer.drop_last_rows(counts)
+        self.lengths = self.lengths - counts.to(self.lengths.device)
+        self._crop_budget -= worst
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.lengths is not None:
             self.lengths = self.lengths.index_select(0, beam_idx.to(self.lengths.device))
+        self._mtp_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.lengths is not None:
             self.lengths = self.lengths.repeat_interleave(repeats)
+        self._mtp_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.lengths is not None:
             self.lengths = self.lengths[indices]
+        self._mtp_rows(lambda t: t[indices])
 
     def reset(self) -> None:
         super().reset()
         self.lengths, self.columns, self._crop_budget = None, 0, 0
+        for layer in self.mtp_layers:
+            layer.reset()
+        self.mtp_lengths = [None] * len(self.mtp_layers)
+
+    def _mtp_rows(self, fn) -> None:
+        """Apply a batch-dimension operation to the MTP state too."""
+        for layer in self.mtp_layers:
+            layer._apply(fn)
+        self.mtp_lengths = [None if n is None else fn(n) for n in self.mtp_lengths]

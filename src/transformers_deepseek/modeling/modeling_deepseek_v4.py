@@ -582,11 +582,18 @@ class DeepseekV4MTPBlock(DeepseekV4DecoderLayer):
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(  # type: ignore[override]
-        self, streams: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, next_ids: torch.Tensor
+        self,
+        streams: torch.Tensor,
+        embeds: torch.Tensor,
+        chunk: ChunkState | torch.Tensor,
+        next_ids: torch.Tensor,
+        cache: DeepseekV4CacheLayer | None = None,
     ) -> torch.Tensor:
-        """Main-model final ``streams [B,S,hc,dim]`` + ``embeds`` of the next tokens -> normed hidden ``[B,S,dim]``."""
+        """Main-model final ``streams [B,S,hc,dim]`` + ``embeds`` of the next tokens -> normed hidden ``[B,S,dim]``.
+
+        ``chunk`` as in :meth:`DeepseekV4DecoderLayer.forward`; ``cache`` holds this block's own state (SPEC §4)."""
         x = self.e_proj(self.enorm(embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
-        x = super().forward(x, ChunkState.prefill(positions), next_ids)
+        x = super().forward(x, chunk, next_ids, cache)
         x = hc_head_reduce(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps, self.hc_eps)
         return self.norm(x)
 
@@ -841,13 +848,42 @@ class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
         """fp32 logits of normed hidden states ``[..., dim]`` with the fp32 head (SPEC §4)."""
         return F.linear(hidden.float(), self.head.weight.float())
 
-    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
-        """Logits of MTP block ``depth`` at every position: final main-model ``streams [B,S,hc,dim]`` and the next
-        tokens ``next_ids [B,S]`` -> ``[B,S,vocab]`` fp32 (fresh state: positions start at 0)."""
+    def mtp_logits(
+        self,
+        streams: torch.Tensor,
+        next_ids: torch.Tensor,
+        depth: int = 0,
+        past_key_values: DeepseekV4Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits of MTP block ``depth``: final main-model ``streams [B,S,hc,dim]`` at positions ``t`` and the next
+        tokens ``next_ids [B,S]`` (token ``t + 1``) -> ``[B,S,vocab]`` fp32 predicting token ``t + 2`` (SPEC §4).
+
+        Without a cache the positions start at 0 (fresh state). With ``past_key_values`` they continue the cache's
+        ``mtp_lengths[depth]`` and the block's state is kept in ``mtp_layers[depth]``; ``attention_mask [B,S]``
+        marks padding columns with 0. ``logits_to_keep`` as in :meth:`forward`."""
         bsz, seqlen = next_ids.shape
-        positions = torch.arange(seqlen, device=next_ids.device).expand(bsz, seqlen)
-        hidden = self.mtp[depth](streams, self.embed(next_ids), positions, next_ids)
-        return self.logits(hidden)
+        valid = torch.ones_like(next_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        old = None if past_key_values is None else past_key_values.mtp_lengths[depth]
+        old = next_ids.new_zeros(bsz) if old is None else old
+        positions = torch.where(valid, old.unsqueeze(1) + valid.long().cumsum(1) - 1, -1)
+        chunk = ChunkState(positions, old, old + valid.long().sum(1))
+        state = None if past_key_values is None else past_key_values.mtp_layers[depth]
+        hidden = self.mtp[depth](streams, self.embed(next_ids), chunk, next_ids, state)
+        if past_key_values is not None:
+            past_key_values.mtp_lengths[depth] = chunk.new_len
+        return self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):  # type: ignore[override]
+        """``GenerationMixin.generate``, plus speculative decoding with the MTP head when ``use_mtp=True`` is passed
+        or set in the generation config (see :func:`~.generation_deepseek_v4.mtp_generate`)."""
+        from .generation_deepseek_v4 import mtp_generate, pop_use_mtp
+
+        use_mtp, generation_config = pop_use_mtp(self, generation_config, kwargs)
+        if use_mtp:
+            return mtp_generate(self, inputs, generation_config, **kwargs)
+        return super().generate(inputs, generation_config, **kwargs)
 
     def forward(  # type: ignore[override]
         self,
