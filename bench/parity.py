@@ -10,6 +10,7 @@ Usage: python bench/parity.py [--fixtures DIR] [--only tiny-bf16 ...]
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "mtp (logits)" in report.layers:
                     nat_lines.insert(len(nat.layers), f"{name:14s} {'mtp (logits)':22s} native not available: "
                                                       "native transformers drops the MTP weights")  # fmt: skip
-                lines = [x for pair in zip(lines, nat_lines) for x in pair]
+                lines = [x for pair in itertools.zip_longest(lines, nat_lines, fillvalue="") for x in pair if x]
         print("\n".join(lines))
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,13 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from helpers import require_fixture
-from transformers_deepseek.modeling.cache_deepseek_v4 import DeepseekV4Cache, pack_index_keys, pack_kv, unpack_index_keys, unpack_kv
+from transformers_deepseek.modeling.cache_deepseek_v4 import (
+    DeepseekV4Cache,
+    pack_index_keys,
+    pack_kv,
+    unpack_index_keys,
+    unpack_kv,
+)
 from transformers_deepseek.parity import checkpoint_dir, load_golden, rel_l2
 
 
@@ -24,15 +32,22 @@ def bf16():
     return _load("tiny-bf16")
 
 
-@pytest.mark.parametrize(("name", "key", "prefill"), [
-    ("tiny-bf16", "decode.logits", 200), ("tiny-fp8-fp4", "decode.logits", 200), ("tiny-fp8-fp4", "decode_b.logits", 198),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "key", "prefill"),
+    [
+        ("tiny-bf16", "decode.logits", 200),
+        ("tiny-fp8-fp4", "decode.logits", 200),
+        ("tiny-fp8-fp4", "decode_b.logits", 198),
+    ],
+)
 def test_decode_matches_official_decode_path(name, key, prefill):
     model, golden = _load(name)
     expected = golden.tensors[key]
     ids = golden.input_ids
     picked = {1: [], 3: []}
-    hooks = [model.layers[i].attn.indexer.register_forward_hook(lambda m, a, o, i=i: picked[i].append(o)) for i in picked]
+    hooks = [
+        model.layers[i].attn.indexer.register_forward_hook(lambda m, a, o, i=i: picked[i].append(o)) for i in picked
+    ]
     cache = DeepseekV4Cache(config=model.config)
     with torch.no_grad():
         got = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1]]
@@ -65,7 +80,7 @@ def test_chunked_prefill_and_decode_match_one_prefill(bf16, cuts):
     cache = DeepseekV4Cache(config=model.config)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        parts = [model(ids[:, a:b], past_key_values=cache).logits for a, b in zip(bounds, bounds[1:])]
+        parts = [model(ids[:, a:b], past_key_values=cache).logits for a, b in itertools.pairwise(bounds)]
     chunked = torch.cat(parts, dim=1)
     assert rel_l2(chunked, full) <= golden.end_to_end_floor
     assert (chunked.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
@@ -108,7 +123,7 @@ def test_crop_then_redecode_equals_uncropped(bf16):
         cache.crop(-7)  # back to 140 tokens, across a compressed-block boundary (ratio 4)
         assert cache.get_seq_length() == 140
         again = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(140, 150)]
-    for r, g in zip(ref, again):
+    for r, g in zip(ref, again, strict=True):
         assert torch.equal(r, g)
     with pytest.raises(ValueError, match="crop"):
         cache.crop(-(cache.max_crop + 1))

@@ -93,8 +93,15 @@ def test_fp8_checkpoint_requires_128_multiples():
         ({}, 284, 13),  # V4-Flash defaults
         (
             dict(
-                hidden_size=7168, moe_intermediate_size=3072, num_hidden_layers=61, num_attention_heads=128,
-                n_routed_experts=384, routed_scaling_factor=2.5, q_lora_rank=1536, o_groups=16, index_topk=1024,
+                hidden_size=7168,
+                moe_intermediate_size=3072,
+                num_hidden_layers=61,
+                num_attention_heads=128,
+                n_routed_experts=384,
+                routed_scaling_factor=2.5,
+                q_lora_rank=1536,
+                o_groups=16,
+                index_topk=1024,
                 compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0],
             ),
             1600,
@@ -114,7 +121,9 @@ def test_full_size_parameter_counts_on_meta(kwargs, total_b, active_b):
     expert = sum(p.numel() for n, p in main if ".experts." in n)
     per_layer_expert = expert / (config.n_routed_experts * config.num_hidden_layers)
     active = (
-        total - expert + per_layer_expert * config.num_experts_per_tok * config.num_hidden_layers
+        total
+        - expert
+        + per_layer_expert * config.num_experts_per_tok * config.num_hidden_layers
         - config.vocab_size * config.hidden_size
     )
     # The release names round figures (284B / 13B and 1.6T / 49B); within 3 % of them.

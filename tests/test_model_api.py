@@ -61,7 +61,9 @@ def test_training_step_reaches_every_trainable_parameter(ids):
     # No gradient is expected only for: experts no token was routed to; the lightning indexer, whose output is a
     # discrete top-k selection (the official model has no gradient path through it either); and the ratio-128
     # compressor, which emits no entry for 24 tokens.
-    unexpected = [n for n in no_grad if not (".experts." in n or ".indexer." in n or n.startswith("layers.2.attn.compressor"))]
+    unexpected = [
+        n for n in no_grad if not (".experts." in n or ".indexer." in n or n.startswith("layers.2.attn.compressor"))
+    ]
     assert not unexpected, unexpected
     assert not any(n.startswith(("layers.0.attn.", "layers.1.attn.wq", "layers.1.attn.compressor")) for n in no_grad)
 
@@ -139,5 +141,7 @@ def test_checkpoint_tensor_of_wrong_shape_is_refused_by_name(tmp_path):
             t["layers.2.attn.wq_a.weight"] = t["layers.2.attn.wq_a.weight"][:, :128].contiguous()
 
     path = _corrupt_copy(tmp_path, shrink)
-    with pytest.raises(ValueError, match=r"layers\.2\.attn\.wq_a\.weight: checkpoint \(128, 128\) vs model \(128, 256\)"):
+    with pytest.raises(
+        ValueError, match=r"layers\.2\.attn\.wq_a\.weight: checkpoint \(128, 128\) vs model \(128, 256\)"
+    ):
         AutoModelForCausalLM.from_pretrained(path)

@@ -15,7 +15,7 @@ import torch
 from helpers import require_fixture
 from transformers_deepseek import DeepseekV4ForCausalLM
 from transformers_deepseek.modeling.numerics import ceil_pow2_scale, rope_cis
-from transformers_deepseek.parity import checkpoint_dir, end_to_end, load_golden, rel_l2, teacher_forced
+from transformers_deepseek.parity import checkpoint_dir, end_to_end, load_golden, teacher_forced
 
 TOLERANCE = 1.5  # x the fixture's per-layer noise floor
 E2E_TOLERANCE = 1.2  # x the fixture's end-to-end noise floor
@@ -71,7 +71,9 @@ def test_every_layer_stream_bit_identical_to_official(name):
         model = DeepseekV4ForCausalLM.from_pretrained(ckpt).eval()
     with torch.no_grad():
         out = model(golden.input_ids, output_hidden_states=True, use_cache=False)
-    digests = [hashlib.sha256(h.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for h in out.hidden_states[1:]]
+    digests = [
+        hashlib.sha256(h.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for h in out.hidden_states[1:]
+    ]
     assert digests == golden.meta["layer_stream_sha256"]
     # fp32 head: same up to the GEMM's summation order over 256 products.
     assert (out.logits - golden.tensors["prefill.logits"]).abs().max() < 1e-4
@@ -98,6 +100,7 @@ def bf16_recorded(bf16):
     names += [f"layers.{i}.attn.compressor" for i in (1, 2, 3)] + [f"layers.{i}.attn" for i in range(4)]
     rec = _Recorder(model, names)
     captured = {}
+
     def grab(module, args):
         captured.setdefault("x1", args[0])  # returns None: a pre-hook's return value would replace the arguments
 
@@ -168,7 +171,12 @@ def test_compressed_visibility_and_indexer_topk(bf16_recorded):
         assert torch.equal((ours >= 0).sum(-1), expected_visible)
         assert torch.equal((theirs >= 0).sum(-1), expected_visible)
         ties = golden.topk_ties(layer, k)
-        same = torch.tensor([[set(a.tolist()) == set(b.tolist()) for a, b in zip(r, t)] for r, t in zip(ours, theirs)])
+        same = torch.tensor(
+            [
+                [set(a.tolist()) == set(b.tolist()) for a, b in zip(r, t, strict=True)]
+                for r, t in zip(ours, theirs, strict=True)
+            ]
+        )
         assert same[~ties].all(), (~same & ~ties).nonzero().tolist()
         # Not only up to ties: the official topk's own tie-breaking is reproduced too.
         assert torch.equal(ours, theirs)

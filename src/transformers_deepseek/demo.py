@@ -49,20 +49,26 @@ def build_tiny_checkpoint(out: Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="where to write the tiny checkpoint (default: a temp dir)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write the tiny checkpoint (default: a temp dir)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--prompt", default="Explain hyper-connections in one sentence.")
     args = parser.parse_args(argv)
 
-    import transformers_deepseek  # noqa: F401  (registers deepseek_v4 with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    import transformers_deepseek  # noqa: F401  (registers deepseek_v4 with the Auto classes)
 
     with tempfile.TemporaryDirectory(prefix="tdseek-demo-") as tmp:
         out = args.out or Path(tmp) / "tiny-deepseek-v4"
         t0 = time.perf_counter()
         build_tiny_checkpoint(out)
-        index = json.loads((out / "model.safetensors.index.json").read_text()) if (
-            out / "model.safetensors.index.json").exists() else None
+        index = (
+            json.loads((out / "model.safetensors.index.json").read_text())
+            if (out / "model.safetensors.index.json").exists()
+            else None
+        )
         files = sorted(p.name for p in out.iterdir())
         print(f"[1/3] built a random tiny DeepSeek-V4 checkpoint in {out} ({time.perf_counter() - t0:.1f}s)")
         print(f"      files: {', '.join(files)}")

@@ -79,7 +79,8 @@ def fp4_simulate(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 
 def quantize_activation_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """``act_quant(x, block, "ue8m0")`` non-inplace: (e4m3 values as fp32 ``[..., N]``, fp32 scales ``[..., N/block]``)."""
+    """``act_quant(x, block, "ue8m0")``, not in place: e4m3 values as fp32 ``[..., N]`` and fp32 scales
+    ``[..., N/block]``."""
     xb = _blocks(x, block)
     scale = ceil_pow2_scale(xb.abs().amax(-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR), FP8_MAX)
     q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
@@ -103,9 +104,7 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     return (torch.matmul(x.float(), h) * (d**-0.5)).to(x.dtype)
 
 
-def yarn_inv_freq(
-    dim: int, base: float, yarn: dict[str, float] | None
-) -> torch.Tensor:
+def yarn_inv_freq(dim: int, base: float, yarn: dict[str, float] | None) -> torch.Tensor:
     """Inverse RoPE frequencies ``[dim/2]`` (fp32), with the official YaRN ramp when ``yarn`` is given (SPEC §4).
 
     The official code interpolates ``f/factor*(1-smooth) + f*smooth`` with a ramp between the floor/ceil
