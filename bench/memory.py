@@ -10,8 +10,16 @@ values) of at least ``--min-gb`` on disk in a temporary directory, then loads it
 
 Reports peak RSS (``ru_maxrss``), RSS right after loading and after reading every tensor once (tensors of either
 implementation may still be backed by lazily paged shard mmaps right after loading), with their anonymous parts,
-side by side.
-Usage: ``python bench/memory.py [--min-gb 2.0] [--keep DIR] [--skip-native]``.
+side by side, and each as a ratio to the checkpoint's bytes on disk: raw, and minus the RSS of the process right
+before ``from_pretrained`` (Python + torch + transformers, ~0.3 GiB, independent of the checkpoint). The issue-4 bound
+is 1.15x.
+
+Then the full-size V4-Flash and V4-Pro configs are built on the meta device with our quantized modules, through the
+quantizer's own hooks (``quantization.footprint``): the bytes their parameters and buffers would occupy, the released
+checkpoint size (on-disk bytes of every tensor of the weight table, SPEC §3) and native transformers' bf16 size.
+
+Usage: ``python bench/memory.py [--min-gb 2.0] [--keep DIR | --checkpoint DIR] [--skip-native] [--skip-meta]
+[--meta-only]``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import time
 from pathlib import Path
 
 SHARD_BYTES = 400 * 2**20
+MAX_RATIO = 1.15  # issue 4: bytes resident / in memory <= 1.15x the checkpoint's bytes on disk
 
 # A mid-size V4 (Flash layout, smaller dims) whose FP4 experts dominate the checkpoint, like the release.
 SYNTHETIC = {
@@ -167,18 +176,6 @@ from transformers import AutoModelForCausalLM
 which, path = sys.argv[1], sys.argv[2]
 if which == "ours":
     import transformers_deepseek  # registers the config, the models and the quantizer
-    from transformers_deepseek import DeepseekV4Config
-    from transformers_deepseek.quantization import QUANT_METHOD, is_released_v4_fp8
-    cfg = DeepseekV4Config(quantization_config={"quant_method": "fp8", "scale_fmt": "ue8m0"})
-    if cfg.quantization_config.get("quant_method") != QUANT_METHOD:
-        # Pending modeling/ change (released "fp8" -> our method for V4 configs); no-op once it has landed.
-        _init = DeepseekV4Config.__init__
-        def _routed(self, *a, **k):
-            _init(self, *a, **k)
-            qc = getattr(self, "quantization_config", None)
-            if isinstance(qc, dict) and is_released_v4_fp8(qc):
-                self.quantization_config = {**qc, "quant_method": QUANT_METHOD}
-        DeepseekV4Config.__init__ = _routed
 base, base_anon = rss()
 t0 = time.time()
 model = AutoModelForCausalLM.from_pretrained(path)
@@ -240,6 +237,21 @@ def report(disk: int, results: dict[str, dict]) -> None:
             line += f"   {vals[1] / vals[0]:8.2f}x"
         print(line)
     print(f"{'load time':32s}" + "".join(f"{results[n].get('seconds', float('nan')):13.1f}s" for n in names))
+    print(f"\nratio to the checkpoint on disk (issue 4 bound: our RSS after load <= {MAX_RATIO}x):")
+    for label, key in (("RSS after load", "rss_after_load"), ("RSS after reading every tensor", "rss_after_touch")):
+        for suffix, minus in (("", False), (" - RSS before load", True)):
+            vals = []
+            for n in names:
+                r = results[n]
+                if key not in r:
+                    vals.append("n/a")
+                    continue
+                v = r[key] - (r["baseline_rss"] if minus else 0)
+                vals.append(f"{v / disk:.3f}x")
+            print(f"{label + suffix:48s}" + "".join(f"{v:>12s}" for v in vals))
+    print(f"{'model tensors':48s}" + "".join(
+        f"{results[n]['tensor_bytes'] / disk:11.3f}x" if "tensor_bytes" in results[n] else f"{'n/a':>12s}"
+        for n in names))  # fmt: skip
     for n in names:
         r = results[n]
         if "error" in r:
@@ -249,14 +261,58 @@ def report(disk: int, results: dict[str, dict]) -> None:
                   f"transformers_deepseek imported: {r['ours_imported']})")  # fmt: skip
 
 
+def report_meta() -> bool:
+    """Full-size released models on the meta device: our bytes in memory vs the released checkpoint and native."""
+    from transformers_deepseek.quantization.footprint import RELEASED_MODELS, meta_footprint, released_config
+
+    print("\nfull-size models on the meta device (quantized modules swapped in by the quantizer's own hooks):")
+    print(
+        f"{'':10s}{'checkpoint':>22s}{'ours in memory':>18s}{'ours/ckpt':>11s}{'native bf16':>15s}{'native/ckpt':>13s}"
+    )
+    ok = True
+    for name in RELEASED_MODELS:
+        t0 = time.time()
+        fp = meta_footprint(released_config(name))
+        ratio = fp["ours"] / fp["checkpoint"]
+        ok &= ratio <= MAX_RATIO
+        print(
+            f"{name:10s}{fp['checkpoint'] / 2**30:9.2f} GiB ({fp['checkpoint'] / 1e9:6.1f} GB)"
+            f"{_gib(fp['ours']):>18s}{ratio:10.3f}x{_gib(fp['native_bf16']):>15s}"
+            f"{fp['native_bf16'] / fp['checkpoint']:12.2f}x   ({time.time() - t0:.0f}s)"
+        )
+    return ok
+
+
+def measure_and_report(checkpoint: Path, args: argparse.Namespace) -> int:
+    on_disk = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    print(f"checkpoint {checkpoint}: {on_disk / 1e9:.2f} GB of shards")
+    results = {"ours": measure("ours", checkpoint, args.python)}
+    if not args.skip_native:
+        results["native"] = measure("native", checkpoint, args.python)
+        if results["native"].get("ours_imported"):
+            results["native"] = {"error": ["native run imported transformers_deepseek"]}
+    report(on_disk, results)
+    ok = all("error" not in r for r in results.values())
+    if not args.skip_meta:
+        ok &= report_meta()
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-gb", type=float, default=2.0, help="minimum checkpoint size on disk (GB, 1e9 bytes)")
     parser.add_argument("--keep", type=Path, help="write the checkpoint here and keep it (default: temp dir, removed)")
+    parser.add_argument("--checkpoint", type=Path, help="measure this existing released-layout checkpoint instead")
     parser.add_argument("--skip-native", action="store_true")
+    parser.add_argument("--skip-meta", action="store_true", help="skip the full-size meta-device footprints")
+    parser.add_argument("--meta-only", action="store_true", help="only the full-size meta-device footprints")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the loader subprocesses")
     args = parser.parse_args()
 
+    if args.meta_only:
+        return 0 if report_meta() else 1
+    if args.checkpoint is not None:
+        return measure_and_report(args.checkpoint, args)
     repo = Path(__file__).resolve().parents[1]
     template = repo.parent / "shared" / "fixtures" / "tiny-fp8-fp4" / "checkpoint" / "config.json"
     free = shutil.disk_usage(args.keep.parent if args.keep else tempfile.gettempdir()).free
@@ -268,15 +324,8 @@ def main() -> int:
     try:
         t0 = time.time()
         disk = write_checkpoint(out, int(args.min_gb * 1e9), template)
-        on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        print(f"generated {out} in {time.time() - t0:.0f}s: {on_disk / 1e9:.2f} GB of shards")
-        results = {"ours": measure("ours", out, args.python)}
-        if not args.skip_native:
-            results["native"] = measure("native", out, args.python)
-            if results["native"].get("ours_imported"):
-                results["native"] = {"error": ["native run imported transformers_deepseek"]}
-        report(on_disk or disk, results)
-        return 0 if all("error" not in r for r in results.values()) else 1
+        print(f"generated {out} in {time.time() - t0:.0f}s: {disk / 1e9:.2f} GB of tensor data")
+        return measure_and_report(out, args)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -425,6 +425,12 @@ def test_nested_expert_dtype_and_disagreement(fp8_fixture, raw, tmp_path):
     ("edit", "message"),
     [
         (lambda t: t.pop("layers.2.attn.wq_b.scale"), r"layers\.2\.attn\.wq_b\.scale: missing"),
+        (lambda t: t.pop("layers.0.ffn.experts.1.w2.scale"), r"layers\.0\.ffn\.experts\.1\.w2\.scale: missing"),
+        (lambda t: t.__setitem__("layers.0.attn.wq_a.scale", t["layers.0.attn.wq_a.scale"][:, :1].contiguous()),
+         r"layers\.0\.attn\.wq_a\.scale: found F8_E8M0 \[1, 1\], expected F8_E8M0 \[1, 2\]"),
+        (lambda t: t.__setitem__("layers.3.ffn.shared_experts.w1.scale",
+                                 t["layers.3.ffn.shared_experts.w1.scale"].float()),
+         r"layers\.3\.ffn\.shared_experts\.w1\.scale: found F32 .*expected F8_E8M0"),
         (lambda t: t.__setitem__("layers.1.ffn.experts.4.w3.scale",
                                  t["layers.1.ffn.experts.4.w3.scale"][:, :4].contiguous()),
          r"layers\.1\.ffn\.experts\.4\.w3\.scale: found F8_E8M0 \[128, 4\], expected F8_E8M0 \[128, 8\]"),
@@ -446,6 +452,28 @@ def test_bad_checkpoints_are_refused_by_tensor_name(fp8_fixture, raw, tmp_path, 
         _, info = DeepseekV4ForCausalLM.from_pretrained(path, output_loading_info=True)
         assert "layers.0.attn.compressor.wkv.scale" in info["unexpected_keys"]
         return
+    with pytest.raises(ValueError, match=message):
+        _load(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.__setitem__("expert_dtype", "fp16"), r"expert_dtype.*'fp16'"),
+        (lambda c: c.__setitem__("expert_dtype", "bf16"), r"expert_dtype.*'bf16'"),  # valid unquantized, not here
+        (lambda c: c["quantization_config"].__setitem__("expert_dtype", "int4"), r"expert_dtype.*'int4'"),
+        (lambda c: c["quantization_config"].__setitem__("weight_block_size", [64, 64]),
+         r"weight_block_size must be \[128, 128\], got \[64, 64\]"),
+        (lambda c: c["quantization_config"].__setitem__("weight_block_size", [128]), r"weight_block_size.*\[128\]"),
+        (lambda c: c["quantization_config"].__setitem__("fmt", "e5m2"), r"fmt must be 'e4m3', got 'e5m2'"),
+    ],
+)  # fmt: skip
+def test_bad_configs_are_refused_by_field_name(fp8_fixture, raw, tmp_path, edit, message):
+    """Bad fields of a released config.json: ValueError naming the field, from ``from_pretrained`` itself."""
+    cfg = json.loads((fp8_fixture[0] / "config.json").read_text())
+    cfg["quantization_config"] = dict(cfg["quantization_config"])
+    edit(cfg)
+    path = _rewrite_checkpoint(fp8_fixture[0], tmp_path / "bad", raw, cfg)
     with pytest.raises(ValueError, match=message):
         _load(path)
 

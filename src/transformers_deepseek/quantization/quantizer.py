@@ -30,6 +30,7 @@ from ..modeling.modeling_deepseek_v4 import (
 )
 from .config import EXPERT_DTYPES, DeepseekV4FP8Config
 from .modules import FP4Linear, FP8DequantizedLinear, FP8Linear, _PackedLinear, to_dequantized_linear
+from .residency import release_unreferenced_pages, trim_heap
 
 # SPEC §3: which linears the release stores quantized, per module class (everything else is bf16/fp32 on disk).
 FP8_LINEARS: dict[type[nn.Module], tuple[str, ...]] = {
@@ -125,6 +126,18 @@ def released_dtype_overrides(model: nn.Module) -> dict[str, torch.dtype]:
     return out
 
 
+def swap_in_packed_linears(model: nn.Module, layout: dict[str, str], block: tuple[int, int]) -> None:
+    """Replace every linear of ``layout`` (see :func:`quantized_linears`) by an empty :class:`FP4Linear` /
+    :class:`FP8Linear` on the meta device whose ``weight`` / ``scale`` have the on-disk dtypes and shapes."""
+    for name, kind in layout.items():
+        linear = model.get_submodule(name)
+        if kind == "fp4":
+            new: nn.Module = FP4Linear(linear.in_features, linear.out_features, device="meta")
+        else:
+            new = FP8Linear(linear.in_features, linear.out_features, block, device="meta")
+        _set_module(model, name, new)
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -143,6 +156,7 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         # Checkpoint tensor name -> on-disk torch dtype of the high-precision tensors, to write them back as read.
         self.disk_dtypes: dict[str, torch.dtype] = {}
         self.layout: dict[str, str] = {}
+        self.checkpoint_files: list[str] = []
 
     # ------------------------------------------------------------------ transformers hooks
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -221,6 +235,7 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         files = kwargs.get("checkpoint_files") or []
+        self.checkpoint_files = [str(f) for f in files]
         header = read_checkpoint_headers(files) if files else {}
         self.expert_dtype = self._resolve_expert_dtype(model, header)
         self.layout = quantized_linears(model, self.expert_dtype)
@@ -231,14 +246,7 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
                 for k, (d, _) in header.items()
                 if d in _HIGH_PRECISION and k.rpartition(".")[0] not in self.layout
             }
-        block = self.quantization_config.block
-        for name, kind in self.layout.items():
-            linear = model.get_submodule(name)
-            if kind == "fp4":
-                new: nn.Module = FP4Linear(linear.in_features, linear.out_features, device="meta")
-            else:
-                new = FP8Linear(linear.in_features, linear.out_features, block, device="meta")
-            _set_module(model, name, new)
+        swap_in_packed_linears(model, self.layout, self.quantization_config.block)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -248,6 +256,16 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         ]  # fmt: skip
         if not_loaded:
             raise ValueError(f"quantized tensors not found in the checkpoint: {not_loaded}")
+        self._finalize_linears(model)
+        # Pages of the shard mmaps read only to be converted (fp32 upcasts, wo_a, options) and load-time temporaries
+        # would stay resident beside the model's tensors (see residency.py).
+        tensors = [*model.parameters(), *model.buffers()]
+        release_unreferenced_pages(tensors, self.checkpoint_files)
+        trim_heap()
+        return model
+
+    def _finalize_linears(self, model: nn.Module) -> None:
+        """The loaded packed linears in their final form: ``wo_a`` dequantized to bf16, then the options."""
         config = self.quantization_config
         for name, kind in self.layout.items():
             module = model.get_submodule(name)
@@ -269,7 +287,6 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
             model.config.expert_dtype = "fp8"
             if config.expert_dtype is not None:
                 config.expert_dtype = "fp8"
-        return model
 
     # ------------------------------------------------------------------ saving
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

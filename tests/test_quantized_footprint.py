@@ -1,0 +1,135 @@
+"""Memory footprint of quantized models (issue 4): full-size V4-Flash / V4-Pro on the meta device vs the released
+checkpoint size, the meta build vs a real load, and the resident set after loading (no pages kept twice).
+
+Figures are printed with ``pytest -s``; ``bench/memory.py`` prints the same footprint beside the measured RSS.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import require_fixture
+from transformers_deepseek import DeepseekV4Config
+from transformers_deepseek.parity import checkpoint_dir
+from transformers_deepseek.quantization.footprint import (
+    meta_footprint,
+    quantized_model_on_meta,
+    released_config,
+    tensor_bytes,
+)
+from transformers_deepseek.quantization.residency import file_mappings, unreferenced_ranges
+
+MAX_RATIO = 1.15  # issue 4: bytes in memory <= 1.15x the released checkpoint
+
+
+@pytest.fixture(scope="module")
+def fixture_ckpt() -> Iterator[Path]:
+    with checkpoint_dir(require_fixture("tiny-fp8-fp4")) as ckpt:
+        yield ckpt
+
+
+def _describe(model: torch.nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...], str]]:
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k: (t.dtype, tuple(t.shape), type(model.get_submodule(k.rpartition(".")[0])).__name__)
+            for k, t in named.items()}  # fmt: skip
+
+
+def test_meta_build_is_what_loading_gives(fixture_ckpt):
+    """The meta-device model has exactly the modules, tensors, dtypes and shapes of a real quantized load."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(fixture_ckpt)
+    meta = quantized_model_on_meta(DeepseekV4Config.from_pretrained(fixture_ckpt))
+    assert all(t.is_meta for t in meta.parameters())
+    assert _describe(meta) == _describe(loaded)
+    assert tensor_bytes(meta) == tensor_bytes(loaded)
+
+
+@pytest.mark.parametrize(
+    ("name", "checkpoint_gb", "native_gib"),
+    [("V4-Flash", 159.6, 529.6), ("V4-Pro", 864.7, 2929.9)],
+)
+def test_full_size_models_fit_in_checkpoint_size(name, checkpoint_gb, native_gib):
+    fp = meta_footprint(released_config(name))
+    ratio = fp["ours"] / fp["checkpoint"]
+    print(
+        f"\n{name}: ours {fp['ours'] / 2**30:.2f} GiB, released checkpoint {fp['checkpoint'] / 2**30:.2f} GiB "
+        f"({fp['checkpoint'] / 1e9:.1f} GB), ratio {ratio:.4f}x; native bf16 {fp['native_bf16'] / 2**30:.1f} GiB"
+    )
+    assert fp["checkpoint"] / 1e9 == pytest.approx(checkpoint_gb, abs=0.1)  # the public sizes of the releases
+    assert fp["native_bf16"] / 2**30 == pytest.approx(native_gib, abs=0.1)
+    assert ratio <= MAX_RATIO
+
+
+def test_released_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="V4-Max"):
+        released_config("V4-Max")
+
+
+def test_meta_build_needs_a_quantized_config():
+    with pytest.raises(ValueError, match="quantization_config"):
+        quantized_model_on_meta(DeepseekV4Config())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resident set after loading
+# ---------------------------------------------------------------------------------------------------------------------
+def test_unreferenced_ranges_keep_every_page_a_tensor_touches():
+    p = 4096
+    mappings = [(10 * p, 20 * p), (40 * p, 42 * p)]
+    used = [(10 * p + 5, 12 * p + 1), (15 * p, 16 * p), (30 * p, 41 * p + 7)]
+    # [12p+1, 15p) -> pages 13, 14; [16p, 20p) -> 16..19; the second mapping: only [41p+7, 42p) -> none whole.
+    assert unreferenced_ranges(mappings, used, p) == [(13 * p, 15 * p), (16 * p, 20 * p)]
+    assert unreferenced_ranges(mappings, [], p) == mappings
+    assert unreferenced_ranges([(0, p)], [(0, 1)], p) == []
+
+
+def _mapping_rss(paths: list[Path]) -> int:
+    """Resident bytes of this process's mappings of ``paths`` (/proc/self/smaps)."""
+    wanted = {(int(a, 16), int(b, 16)) for a, b in (f"{s:x}-{e:x}".split("-") for s, e in file_mappings(paths))}
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                current = (start, end) in wanted
+            elif head == "Rss:" and current:
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_no_checkpoint_page_stays_resident_beside_its_copy(fixture_ckpt):
+    """After loading and reading every tensor, the shard mappings hold no more than the tensors that still live in
+    them: the pages read only to be converted (bf16 -> fp32, wo_a -> bf16) were released."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fixture_ckpt)
+    files = sorted(fixture_ckpt.glob("*.safetensors"))
+    maps = file_mappings(files)
+    if not maps:
+        pytest.skip("checkpoint not memory-mapped by this transformers")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.detach().reshape(-1).view(torch.uint8).max()
+    tensors = [*model.parameters(), *model.buffers()]
+    page = mmap.PAGESIZE
+    used_pages: set[int] = set()  # pages of the shard mappings that a tensor of the model lives in (even partly)
+    for t in tensors:
+        start = t.untyped_storage().data_ptr()
+        if any(s <= start < e for s, e in maps):
+            used_pages.update(range(start // page, -(-(start + t.untyped_storage().nbytes()) // page)))
+    converted = sum(t.numel() * t.element_size() for t in tensors if t.dtype == torch.float32)
+    resident = _mapping_rss(files)
+    print(
+        f"\nshard pages resident {resident} B; pages holding model tensors {len(used_pages) * page} B; "
+        f"fp32 copies {converted} B"
+    )
+    assert converted > 4 * page  # the fixture has converted tensors whose source pages must be gone
+    assert resident <= len(used_pages) * page
