@@ -1,0 +1,345 @@
+"""KV cache side by side: ours (DeepseekV4Cache) vs native transformers 5.23 `deepseek_v4`, same weights (issue 5).
+
+One random-weight bf16 model with the V4-Flash attention shape (head_dim 512, rope 64, index_head_dim 128, window
+128, index_topk 512, the Flash layer pattern truncated to ``[0, 0, 4, 128, 4]`` + MTP) and a small trunk (hidden 256,
+4 heads, 8 experts of 128) is built by our package and saved in the released layout; native transformers loads that
+directory in processes that never import our package. Every phase runs in its own subprocess (peak RSS =
+``ru_maxrss`` of that phase), sequentially, with a wall-clock and an RSS limit; a phase that hits one is reported as
+"out of reach" with the limit.
+
+Phases: ``decode N`` (reach N tokens, then time ``--steps`` single-token steps, median) and ``prefill N`` (one
+prefill of N tokens: time, peak RSS, cache bytes). Ours prefills in chunks of ``--chunk`` tokens (same results as
+one prefill). For ours, decode contexts above ``--real-max`` start from a cache *sized* as at N tokens (a real
+1024-token prefill whose compressed entries are tiled up to N / ratio, lengths set to N): decode cost depends on the
+state's sizes, not its values, and this avoids an O(N) prefill per point. Native always prefills for real.
+
+Usage: ``python bench/cache.py [--decode 1024 16384 65536] [--prefill 16384] [--long 131072] [--timeout 600]``.
+Run in the transformers 5.23 venv (native ``deepseek_v4``); other venvs run ours only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CONFIG = {
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 5,
+    "num_hash_layers": 2,
+    "num_nextn_predict_layers": 1,
+    "num_attention_heads": 4,
+    "head_dim": 512,
+    "qk_rope_head_dim": 64,
+    "q_lora_rank": 256,
+    "o_groups": 2,
+    "o_lora_rank": 128,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "index_n_heads": 8,  # Flash has 64; 8 keeps the O(N^2) prefill indexer within this box's budget
+    "index_head_dim": 128,
+    "index_topk": 512,
+    "sliding_window": 128,
+    "compress_ratios": [0, 0, 4, 128, 4, 0],  # Flash: [0, 0] + [4, 128] * 20 + [4] + MTP [0]
+    "max_position_embeddings": 262144,
+}
+SEED_LEN = 1024  # real prefill behind a synthesized long-context decode state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Worker side (one phase per process)
+# ---------------------------------------------------------------------------------------------------------------------
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _native_nbytes(cache) -> int:
+    """Bytes of every distinct tensor held by native's cache layers (keys and values share storage)."""
+    import torch
+
+    seen, total = set(), 0
+
+    def visit(obj) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            key = (obj.untyped_storage().data_ptr(), obj.data_ptr(), obj.numel())
+            if key not in seen and obj.numel():
+                seen.add(key)
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    for layer in cache.layers:
+        visit(vars(layer))
+    return total
+
+
+def _grow_to(cache, n: int) -> None:
+    """Make a (short, real) cache of ours look like one at ``n`` tokens: entries tiled to ``n // ratio``."""
+    import torch
+
+    for layer in cache.layers:
+        for name, store in layer.entries.items():
+            have = int(cache.lengths.max()) // layer.ratio
+            want = n // layer.ratio
+            reps = -(-want // have)
+            layer.entries[name] = {k: torch.cat([v[:, :have]] * reps, dim=1)[:, :want].contiguous()
+                                   for k, v in store.items()}  # fmt: skip
+    cache.lengths = torch.full_like(cache.lengths, n)
+    cache.columns = n
+
+
+def worker(impl: str, phase: str, n: int, ckpt: str, chunk: int, steps: int, real_max: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if impl == "ours":
+        from transformers import AutoModelForCausalLM
+
+        import transformers_deepseek  # noqa: F401  (registers the model)
+        from transformers_deepseek.modeling.cache_deepseek_v4 import DeepseekV4Cache
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+        cache = DeepseekV4Cache(config=model.config)
+        nbytes = lambda: cache.nbytes  # noqa: E731
+    else:
+        from transformers import DynamicCache
+        from transformers.models.deepseek_v4 import DeepseekV4ForCausalLM as Native
+
+        model = Native.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+        cache = DynamicCache(config=model.config)
+        nbytes = lambda: _native_nbytes(cache)  # noqa: E731
+    assert ("transformers_deepseek" in sys.modules) == (impl == "ours")
+    ids = torch.randint(2, CONFIG["vocab_size"], (1, n + steps + 1), generator=torch.Generator().manual_seed(1))
+    out: dict = {"impl": impl, "phase": phase, "n": n, "model_rss": _peak_rss()}
+    with torch.inference_mode():
+        synth = impl == "ours" and phase == "decode" and n > real_max
+        reach = SEED_LEN if synth else n
+        t0 = time.perf_counter()
+        # Native prefills in one call (its cache is built for that); ours in chunks.
+        step = chunk if impl == "ours" else reach
+        for a in range(0, reach, step):
+            model(ids[:, a : min(a + step, reach)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out["prefill_s"] = time.perf_counter() - t0
+        out["prefill_rss"] = _peak_rss()
+        if synth:
+            _grow_to(cache, n)
+            out["synthesized"] = True
+        out["cache_bytes"] = nbytes()
+        if phase == "decode":
+            times = []
+            for i in range(steps):
+                tok = ids[:, n + i : n + i + 1]
+                t0 = time.perf_counter()
+                model(tok, past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+            out["step_s"] = sorted(times)[len(times) // 2]
+            out["step_min_s"] = min(times)  # less sensitive to other load on a shared box
+            out["steps_s"] = times
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------------
+def _rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_phase(args, impl: str, phase: str, n: int, ckpt: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, phase, str(n), str(ckpt),
+           "--chunk", str(args.chunk), "--steps", str(args.steps), "--real-max", str(args.real_max)]  # fmt: skip
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    reason: list[str] = []
+
+    def watch() -> None:  # RSS limit: kill the phase before it takes the box down
+        while proc.poll() is None:
+            if _rss_of(proc.pid) > args.max_rss_gb * 2**30:
+                reason.append(f"RSS > {args.max_rss_gb} GB")
+                proc.kill()
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        reason.append(f"> {args.timeout:.0f} s")
+    wall = time.time() - t0
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            res["wall_s"] = wall
+            return res
+    last = (stderr.strip().splitlines() or ["?"])[-1]
+    alloc = re.search(r"allocate (\d+) bytes", last)
+    why = (
+        reason[0] if reason else f"alloc of {int(alloc[1]) / 2**30:.0f} GB failed" if alloc else f"failed: {last[:60]}"
+    )
+    return {"impl": impl, "phase": phase, "n": n, "out_of_reach": why, "wall_s": wall}
+
+
+def build_checkpoint(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import transformers_deepseek  # noqa: F401
+    from transformers_deepseek import DeepseekV4Config
+
+    torch.manual_seed(0)
+    config = DeepseekV4Config(**CONFIG)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+
+
+def _fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "s":
+        return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.1f} s"
+    if unit == "B":
+        return f"{x / 2**30:.2f} GB" if x >= 2**30 else f"{x / 2**20:.0f} MB"
+    return f"{x:.0f}"
+
+
+def report(results: list[dict]) -> list[str]:
+    def get(impl: str, phase: str, n: int) -> dict | None:
+        return next((r for r in results if (r["impl"], r["phase"], r["n"]) == (impl, phase, n)), None)
+
+    rows: list[tuple[str, object, object, str]] = []
+    lines = [f"{'metric':34s} {'ours':>16s} {'native':>22s} {'ours/native':>12s}"]
+
+    def cell(r: dict | None, key: str, unit: str, per: int | None = None) -> tuple[str, float | None]:
+        if r is None:
+            return "not run", None
+        if "out_of_reach" in r:
+            return f"out of reach ({r['out_of_reach']})", None
+        v = r.get(key)
+        if v is not None and per:
+            v = v / per
+        return _fmt(v, unit), v
+
+    ns = sorted({r["n"] for r in results})
+    for phase, key, unit, label, per in [
+        ("decode", "cache_bytes", "", "cache bytes/token @ {n}", True),
+        ("prefill", "cache_bytes", "", "cache bytes/token @ {n}", True),
+        ("decode", "step_s", "s", "decode step (median) @ {n}", False),
+        ("decode", "step_min_s", "s", "decode step (min) @ {n}", False),
+        ("prefill", "prefill_s", "s", "prefill time @ {n}", False),
+        ("prefill", "peak_rss", "B", "prefill peak RSS @ {n}", False),
+    ]:
+        for n in ns:
+            a, b = get("ours", phase, n), get("native", phase, n)
+            if a is None and b is None:
+                continue
+            if (
+                phase == "prefill"
+                and key == "cache_bytes"
+                and (get("ours", "decode", n) or get("native", "decode", n))
+            ):
+                continue  # already reported from the decode phase at this length
+            sa, va = cell(a, key, unit, n if per else None)
+            sb, vb = cell(b, key, unit, n if per else None)
+            ratio = f"{va / vb:.3f}x" if va and vb else "-"
+            synth = " (sized)" if a and a.get("synthesized") and key.startswith("step") else ""
+            rows.append((label.format(n=n) + synth, sa, sb, ratio))
+    # Marginal bytes per token (slope between the shortest and longest reached contexts): the fixed-size part
+    # (windows, compressor rows, crop history) drops out.
+    slopes = {}
+    for impl in ("ours", "native"):
+        pts = sorted(
+            (r["n"], r["cache_bytes"]) for r in results if r["impl"] == impl and "cache_bytes" in r and r["n"] >= 1024
+        )
+        if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
+            slopes[impl] = ((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), f"{pts[0][0]}-{pts[-1][0]}")
+    if slopes:
+        (va, ra), (vb, rb) = slopes.get("ours", (None, "")), slopes.get("native", (None, ""))
+        sa, sb = (f"{va:.0f} ({ra})" if va else "-"), (f"{vb:.0f} ({rb})" if vb else "-")
+        rows.insert(0, ("cache bytes/token, marginal", sa, sb, f"{va / vb:.3f}x" if va and vb else "-"))
+    for label, sa, sb, ratio in rows:
+        lines.append(f"{label:34s} {sa:>16s} {sb:>22s} {ratio:>12s}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "PHASE", "N", "CKPT"), help=argparse.SUPPRESS)
+    parser.add_argument("--decode", type=int, nargs="*", default=[1024, 16384, 65536])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[16384])
+    parser.add_argument("--long", type=int, nargs="*", default=[131072], help="prefill lengths run for ours only")
+    parser.add_argument("--chunk", type=int, default=4096, help="our prefill chunk")
+    parser.add_argument("--steps", type=int, default=5, help="decode steps timed (median)")
+    parser.add_argument(
+        "--real-max", type=int, default=SEED_LEN, help="ours: longest decode context prefilled for real"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="per phase, seconds")
+    parser.add_argument("--max-rss-gb", type=float, default=16.0, help="per phase")
+    parser.add_argument("--skip-native", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--render", type=Path, default=None, help="only print the table of a --json file")
+    args = parser.parse_args(argv)
+
+    if args.render:
+        print("\n".join(report(json.loads(args.render.read_text()))))
+        return 0
+
+    if args.worker:
+        impl, phase, n, ckpt = args.worker
+        res = worker(impl, phase, int(n), ckpt, args.chunk, args.steps, args.real_max)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    from importlib.util import find_spec
+
+    has_native = find_spec("transformers.models.deepseek_v4") is not None and not args.skip_native
+    with tempfile.TemporaryDirectory(prefix="tdseek-cache-bench-") as tmp:
+        ckpt = Path(tmp) / "model"
+        build_checkpoint(ckpt)
+        plan = [(impl, "decode", n) for n in args.decode for impl in ("ours", "native")]
+        plan += [(impl, "prefill", n) for n in args.prefill for impl in ("ours", "native")]
+        plan += [("ours", "prefill", n) for n in args.long]
+        results = []
+        for impl, phase, n in plan:  # sequential: phases must not share the CPUs
+            if impl == "native" and not has_native:
+                continue
+            res = run_phase(args, impl, phase, n, ckpt)
+            print(f"  {impl:6s} {phase:7s} {n:>7d}: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+                if k not in ("impl", "phase", "n", "steps_s")
+            ), flush=True)  # fmt: skip
+            results.append(res)
+    print(f"\nconfig: {json.dumps(CONFIG)}")
+    print("\n".join(report(results)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
