@@ -53,17 +53,10 @@ def register(override_native: bool = True) -> bool:
 
 def _extension_hooks() -> list:
     """Registration functions of the optional subpackages (tokenizer, quantizer), in a fixed order."""
-    hooks = []
+    from .quantization import register_quantization
     from .tokenization import register_tokenizer
 
-    hooks.append(register_tokenizer)
-    try:
-        from .quantization import register_quantization
-    except ImportError:  # quantizer not built yet in this checkout
-        pass
-    else:
-        hooks.append(register_quantization)
-    return hooks
+    return [register_tokenizer, register_quantization]
 
 
 register(override_native=os.environ.get("TDSEEK_NO_OVERRIDE", "") not in ("1", "true", "yes"))

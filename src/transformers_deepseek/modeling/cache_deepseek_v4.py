@@ -321,7 +321,8 @@ class DeepseekV4Cache(Cache):
             return
         if remove > self._crop_budget:
             raise ValueError(
-                f"crop: can take back {self._crop_budget} more tokens exactly (max_crop={self.max_crop}), asked for {remove}"
+                f"crop: can take back {self._crop_budget} more tokens exactly (max_crop={self.max_crop}), "
+                f"asked for {remove}"
             )
         if self.lengths is not None and bool((self.lengths < remove).any()):
             raise ValueError(f"crop: a row has fewer than {remove} tokens")

@@ -232,12 +232,17 @@ class DeepseekV4Config(PretrainedConfig):
                     f"got {ratio!r}"
                 )
         if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"DeepseekV4Config.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+            raise ValueError(
+                f"DeepseekV4Config.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}"
+            )
         if self.n_shared_experts != 1:
-            raise ValueError(f"DeepseekV4Config.n_shared_experts must be 1 (as in the release), got {self.n_shared_experts}")
+            raise ValueError(
+                f"DeepseekV4Config.n_shared_experts must be 1 (as in the release), got {self.n_shared_experts}"
+            )
         if self.num_key_value_heads != 1:
             raise ValueError(
-                f"DeepseekV4Config.num_key_value_heads must be 1 (MQA, one shared K=V head), got {self.num_key_value_heads}"
+                "DeepseekV4Config.num_key_value_heads must be 1 (MQA, one shared K=V head), "
+                f"got {self.num_key_value_heads}"
             )
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(

@@ -63,7 +63,8 @@ def _linear(in_features: int, out_features: int, dtype: torch.dtype | None = Non
 def sinkhorn_split(
     mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``hc_split_sinkhorn`` (SPEC §6): mixes ``[B,S,(2+hc)hc]`` fp32 -> pre ``[B,S,hc]``, post, comb ``[B,S,hc,hc]``."""
+    """``hc_split_sinkhorn`` (SPEC §6): mixes ``[B,S,(2+hc)hc]`` fp32 -> pre ``[B,S,hc]``, post ``[B,S,hc]``,
+    comb ``[B,S,hc,hc]``."""
     pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
     comb = mixes[..., 2 * hc :].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
@@ -236,8 +237,13 @@ class DeepseekV4Compressor(nn.Module):
 
 
 def _entries(
-    new: torch.Tensor, first: torch.Tensor, count: torch.Tensor, cache: DeepseekV4CacheLayer | None, name: str,
-    pack: Callable[[torch.Tensor], Store], unpack: Callable[[Store], torch.Tensor],
+    new: torch.Tensor,
+    first: torch.Tensor,
+    count: torch.Tensor,
+    cache: DeepseekV4CacheLayer | None,
+    name: str,
+    pack: Callable[[torch.Tensor], Store],
+    unpack: Callable[[Store], torch.Tensor],
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Store this chunk's new entries (with a cache) and return a gather over every entry of the sequence."""
     if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
@@ -270,7 +276,12 @@ class DeepseekV4Indexer(nn.Module):
         return fp4_simulate(hadamard_rotate(q), INDEXER_FP4_BLOCK)
 
     def forward(
-        self, x: torch.Tensor, qr: torch.Tensor, chunk: ChunkState, cis: torch.Tensor, inv_freq: torch.Tensor,
+        self,
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        chunk: ChunkState,
+        cis: torch.Tensor,
+        inv_freq: torch.Tensor,
         cache: DeepseekV4CacheLayer | None = None,
     ) -> torch.Tensor:
         """Top-k compressed-entry ids per query ``[B, S, min(topk, n)]``, ``-1`` where the query cannot see the
@@ -358,9 +369,7 @@ class DeepseekV4Attention(nn.Module):
         kv = self.kv_norm(self.wkv(x))
         return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), apply_rope(kv[..., -rd:], cis)], dim=-1)
 
-    def forward(
-        self, x: torch.Tensor, chunk: ChunkState, cache: DeepseekV4CacheLayer | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, chunk: ChunkState, cache: DeepseekV4CacheLayer | None = None) -> torch.Tensor:
         """``x [B,S,dim]`` (normed, bf16) of a chunk (see :class:`ChunkState`); ``cache`` holds earlier chunks."""
         bsz, seqlen, _ = x.shape
         rd = self.rope_dim
@@ -656,17 +665,16 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
             shapes = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in info["mismatched_keys"]]
             problems.append(f"tensors of the wrong shape: {shapes}")
         if problems:
-            raise ValueError(f"{cls.__name__}.from_pretrained: the checkpoint does not match the config; " +
-                             "; ".join(problems))
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: the checkpoint does not match the config; " + "; ".join(problems)
+            )
         return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         from transformers import initialization as init
 
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, nn.Embedding):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, DeepseekV4RMSNorm):
             init.ones_(module.weight)
@@ -787,11 +795,14 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         if attention_mask is None:
             valid = torch.ones(bsz, seqlen, dtype=torch.bool, device=device)
         else:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != bsz or attention_mask.shape[1] not in (
-                seqlen, past + seqlen
+            if (
+                attention_mask.dim() != 2
+                or attention_mask.shape[0] != bsz
+                or attention_mask.shape[1] not in (seqlen, past + seqlen)
             ):
                 raise ValueError(
-                    f"attention_mask: expected shape [{bsz}, {seqlen}] or [{bsz}, {past + seqlen}] (past + new tokens), "
+                    f"attention_mask: expected shape [{bsz}, {seqlen}] or [{bsz}, {past + seqlen}] "
+                    "(past + new tokens), "
                     f"got {list(attention_mask.shape)}"
                 )
             valid = attention_mask[:, -seqlen:].bool()
