@@ -251,7 +251,20 @@ def _entries(
     cache.write_entries(name, pack(new), first, count)
     if name not in cache.entries:  # no entry complete yet: every index list is empty
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
-    return lambda idx: unpack(cache.read_entries(name, idx))
+    store = cache.entries[name]
+    dense: torch.Tensor | None = None
+
+    def gather(idx: torch.Tensor) -> torch.Tensor:
+        nonlocal dense
+        # A query chunk that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry
+        # once instead of each gathered copy; decoding is elementwise, so the values are identical either way.
+        if dense is None and idx[0].numel() >= store["q"].shape[1]:
+            dense = unpack(store)
+        if dense is not None:
+            return dense_source(dense, idx)[0](idx)
+        return unpack(cache.read_entries(name, idx))
+
+    return gather
 
 
 class DeepseekV4Indexer(nn.Module):
