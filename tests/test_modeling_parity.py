@@ -50,20 +50,6 @@ def test_end_to_end_logits_within_noise_floor(bf16):
     assert report.argmax_agreement >= 0.8
 
 
-class _Recorder:
-    """Forward hooks collecting module outputs by name."""
-
-    def __init__(self, model, names):
-        self.out = {}
-        self.handles = [
-            model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: self.out.setdefault(n, o)) for n in names
-        ]
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("name", ["tiny-bf16", "tiny-fp8-fp4", "tiny-ratio16", "tiny-wide"])
 def test_every_layer_stream_bit_identical_to_official(name):
     golden = load_golden(require_fixture(name))
