@@ -19,6 +19,7 @@ from torch import nn
 
 from helpers import require_fixture
 from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM, DeepseekV4PreTrainedModel
+from transformers_deepseek.modeling.modeling_deepseek_v4 import DeepseekV4GroupedLinear
 from transformers_deepseek.parity import checkpoint_dir, end_to_end, load_golden, rel_l2, teacher_forced
 from transformers_deepseek.quantization import (
     QUANT_METHOD,
@@ -365,7 +366,8 @@ def test_dequantize_option_gives_plain_bf16_linears(fp8_fixture, raw, tmp_path):
     assert getattr(model.config, "quantization_config", None) is None and not getattr(model, "is_quantized", False)
     for name in ("layers.1.attn.wq_a", "layers.1.attn.wo_a", "layers.1.ffn.experts.3.w2", "mtp.0.e_proj"):
         m = model.get_submodule(name)
-        assert type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.requires_grad
+        plain = DeepseekV4GroupedLinear if name.endswith("wo_a") else nn.Linear  # wo_a keeps its grouped form
+        assert type(m) is plain and m.weight.dtype == torch.bfloat16 and m.weight.requires_grad
         w, s = raw[f"{name}.weight"], raw[f"{name}.scale"]
         ref = _ref_fp4(w, s) if w.dtype == torch.int8 else _ref_fp8(w, s)
         assert torch.equal(m.weight, ref.to(torch.bfloat16)), name

@@ -60,6 +60,35 @@ def _linear(in_features: int, out_features: int, dtype: torch.dtype | None = Non
     return nn.Linear(in_features, out_features, bias=False, dtype=dtype)
 
 
+class DeepseekV4GroupedLinear(nn.Linear):
+    """The grouped output projection ``wo_a`` (SPEC §4): ``weight [groups * rank, in_per_group]`` as released; group
+    ``g`` of the input ``[B, S, groups, in_per_group]`` goes through rows ``g * rank .. (g + 1) * rank`` of the
+    weight, giving ``[B, S, groups, rank]`` (a bf16 einsum in the activation dtype, no activation quantization).
+
+    A module of its own (rather than an einsum on ``weight`` inside the attention) so that adapters such as LoRA can
+    wrap it like any linear: ``weight + B @ A`` keeps its meaning, group ``g`` reading rows ``g * rank ..`` of ``B``.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, groups: int, device=None, dtype: torch.dtype | None = None
+    ) -> None:
+        if out_features % groups:
+            raise ValueError(f"wo_a: out_features={out_features} is not a multiple of o_groups={groups}")
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[2] != self.groups or x.shape[3] != self.in_features:
+            raise ValueError(
+                f"wo_a: expected input [batch, seq, {self.groups}, {self.in_features}], got {list(x.shape)}"
+            )
+        weight = self.weight.view(self.groups, self.out_features // self.groups, -1).to(x.dtype)
+        return torch.einsum("bsgd,grd->bsgr", x, weight)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, groups={self.groups}"
+
+
 def sinkhorn_split(
     mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -357,8 +386,9 @@ class DeepseekV4Attention(nn.Module):
         self.wq_b = _linear(config.q_lora_rank, self.heads * self.head_dim)
         self.wkv = _linear(dim, self.head_dim)
         self.kv_norm = DeepseekV4RMSNorm(self.head_dim, self.eps)
-        # Grouped output projection: wo_a is used as a bf16 [groups, o_lora_rank, heads*head_dim/groups] einsum.
-        self.wo_a = _linear(self.heads * self.head_dim // self.groups, self.groups * self.o_lora_rank)
+        self.wo_a = DeepseekV4GroupedLinear(
+            self.heads * self.head_dim // self.groups, self.groups * self.o_lora_rank, self.groups
+        )
         self.wo_b = _linear(self.groups * self.o_lora_rank, dim)
         if self.ratio:
             self.compressor = DeepseekV4Compressor(config, self.ratio, self.head_dim, rotate=False)
@@ -424,9 +454,7 @@ class DeepseekV4Attention(nn.Module):
             sources.append((gather, picked))
         o = sparse_attention(q, self.attn_sink, self.scale, sources)
         o = torch.cat([o[..., :-rd], apply_rope(o[..., -rd:], cis, inverse=True)], dim=-1)
-        o = o.view(bsz, seqlen, self.groups, -1)
-        wo_a = self.wo_a.weight.view(self.groups, self.o_lora_rank, -1).to(o.dtype)
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
+        o = self.wo_a(o.view(bsz, seqlen, self.groups, -1))  # [B, S, groups, o_lora_rank]
         return self.wo_b(o.flatten(2))
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modeling.modeling_deepseek_v4 import DeepseekV4GroupedLinear
 from ..modeling.numerics import quantize_activation_fp8
 from .formats import (
     FP4_BLOCK_SIZE,
@@ -37,6 +38,25 @@ def fp8_activation(x: torch.Tensor) -> torch.Tensor:
     return (q.unflatten(-1, (-1, ACT_BLOCK)) * s.unsqueeze(-1)).flatten(-2)
 
 
+class _FrozenPackedMatmul(torch.autograd.Function):
+    """``act_quant(x) @ W^T`` of a frozen packed linear whose backward dequantizes ``W`` again instead of keeping it.
+
+    Plain autograd would save the fp32 dequantized weight of every packed linear for the backward pass (4 bytes per
+    parameter, 4-8x the packed storage); here nothing but the module is kept. The weight gets no gradient (frozen);
+    the input gradient is ``grad @ W`` with the activation quantization passed straight through (SPEC §5.1), as the
+    simulated quantization points of the model do (numerics.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: _PackedLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.module, ctx.dtype = module, x.dtype
+        return F.linear(fp8_activation(x), module.dequantized_weight(torch.float32)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return (grad.float() @ ctx.module.dequantized_weight(torch.float32)).to(ctx.dtype), None
+
+
 class _PackedLinear(nn.Module):
     """Common part: storage is ``weight`` + ``scale`` exactly as released; ``forward`` = act quant + fp32 GEMM."""
 
@@ -49,6 +69,8 @@ class _PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if torch.is_grad_enabled() and x.requires_grad:  # training through the frozen base (e.g. LoRA)
+            return _FrozenPackedMatmul.apply(x, self)
         # Output in the activation dtype (bf16 in the model), as the official GEMMs write the default dtype.
         return F.linear(fp8_activation(x), self.dequantized_weight(torch.float32)).to(x.dtype)
 
@@ -118,16 +140,18 @@ class FP4Linear(_PackedLinear):
         return dequantize_fp4(self.weight, self.scale, dtype, self.block)
 
 
-class FP8DequantizedLinear(nn.Linear):
-    """A plain bf16 ``nn.Linear`` (``wo_a``) dequantized once at load, as convert.py does (SPEC §3, §5.3).
+class FP8DequantizedLinear(DeepseekV4GroupedLinear):
+    """The grouped bf16 ``wo_a`` dequantized once at load, as convert.py does (SPEC §3, §5.3).
 
     Its original e8m0 block ``scale`` is kept as a buffer so that saving re-encodes the released FP8 bytes exactly
     (the scale of a dequantized block is ambiguous when its largest value is exactly 224 * s).
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = FP8_BLOCK_SIZE) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = FP8_BLOCK_SIZE, groups: int = 1
+    ) -> None:
         out_features, in_features = weight.shape
-        super().__init__(in_features, out_features, bias=False, device="meta", dtype=torch.bfloat16)
+        super().__init__(in_features, out_features, groups, device="meta", dtype=torch.bfloat16)
         self.block = (int(block[0]), int(block[1]))
         # SPEC §3: each 128x128 block times its scale in fp32, then bf16.
         self.weight = nn.Parameter(dequantize_wo_a(weight, scale), requires_grad=False)
@@ -143,8 +167,14 @@ class FP8DequantizedLinear(nn.Linear):
         return quantize_fp8_blocks(w, self.block)
 
 
-def to_dequantized_linear(module: _PackedLinear, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
-    """A plain ``nn.Linear`` holding the exact official dequantization of ``module`` (``dequantize=True``)."""
-    linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta", dtype=dtype)
+def to_dequantized_linear(
+    module: _PackedLinear, dtype: torch.dtype = torch.bfloat16, groups: int | None = None
+) -> nn.Linear:
+    """A plain ``nn.Linear`` holding the exact official dequantization of ``module`` (``dequantize=True``); with
+    ``groups``, the grouped ``wo_a`` form (:class:`DeepseekV4GroupedLinear`)."""
+    if groups is None:
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta", dtype=dtype)
+    else:
+        linear = DeepseekV4GroupedLinear(module.in_features, module.out_features, groups, device="meta", dtype=dtype)
     linear.weight = nn.Parameter(module.dequantized_weight(dtype))
     return linear

@@ -174,7 +174,9 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False  # use dequantize=True for training
+        # Adapters (PEFT LoRA, see transformers_deepseek.training) train on top of the frozen packed base: the
+        # packed linears dequantize on the fly in forward and backward and never receive a gradient.
+        return True
 
     @property
     def is_compileable(self) -> bool:
@@ -271,11 +273,14 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
             module = model.get_submodule(name)
             for p in module.parameters():
                 p.requires_grad_(False)
+            groups = model.config.o_groups if kind == "wo_a" else None  # wo_a keeps its grouped form
             if config.dequantize:
                 # Exact official dequantization into plain bf16 linears (SPEC §3); no activation quantization.
-                _set_module(model, name, to_dequantized_linear(module))
+                _set_module(model, name, to_dequantized_linear(module, groups=groups))
             elif kind == "wo_a":
-                _set_module(model, name, FP8DequantizedLinear(module.weight.data, module.scale.data, module.block))
+                _set_module(
+                    model, name, FP8DequantizedLinear(module.weight.data, module.scale.data, module.block, groups)
+                )
             elif kind == "fp4" and config.fp4_to_fp8:
                 _set_module(model, name, FP8Linear.from_fp4(module))
         if config.dequantize:
