@@ -678,6 +678,16 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = [
         "norm", "attn_sink", "hc_", "ape", "compressor.wkv", "compressor.wgate", "gate.bias", "head",
     ]  # fmt: skip
+    # Linears a weight-only quantizer must leave as they are. transformers' quantizers (bitsandbytes 4/8-bit among
+    # them) add this list to `modules_to_not_convert`, so `BitsAndBytesConfig` needs no skip list from the user and
+    # quantizes exactly the linears the release stores in FP8 minus wo_a: wo_a is a grouped einsum
+    # (DeepseekV4GroupedLinear) that a bitsandbytes matmul cannot compute; the compressor projections and the head
+    # are fp32 by contract (SPEC §3-§4) and read through `.weight.float()`; the indexer's weights_proj is bf16 in the
+    # release; routed experts keep the checkpoint's own form (bf16, or our FP4/FP8 modules). Non-strict: no dtype
+    # effect at bf16 (the model does not run in fp16).
+    _keep_in_fp32_modules = [
+        "wo_a", "compressor.wkv", "compressor.wgate", "weights_proj", "head", r"(?:layers|mtp)\.\d+\.ffn\.experts",
+    ]  # fmt: skip
 
     @property
     def dtype(self) -> torch.dtype:
