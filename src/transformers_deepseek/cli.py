@@ -9,11 +9,13 @@ from collections.abc import Sequence
 def build_parser() -> argparse.ArgumentParser:
     from transformers_deepseek import __version__
     from transformers_deepseek.conversion.cli import add_convert_parser
+    from transformers_deepseek.publishing import add_push_parser
 
     parser = argparse.ArgumentParser(prog="transformers-deepseek", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_convert_parser(subparsers)
+    add_push_parser(subparsers)
     return parser
 
 
