@@ -57,6 +57,20 @@ class DeepseekV4Config(PretrainedConfig):
 
     model_type = "deepseek_v4"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism, `from_pretrained(..., tp_plan="auto")`: every dense projection the model calls as a module
+    # is split by output features and the shards are gathered, which is exact (each output is the same dot product).
+    # No row splits: they would sum bf16 partial products where the official model rounds once after a full fp32
+    # accumulation, and the rounding differences reach the top-k routing (1.9e-2 relative on the tiny logits). wo_a
+    # (grouped einsum), the compressors and the fp32 head read their weights directly and stay replicated; the routed
+    # experts are split by expert instead (`DeepseekV4PreTrainedModel.distribute_experts`).
+    base_model_tp_plan = {
+        f"{stack}.*.{proj}": "colwise_gather_output"
+        for stack in ("layers", "mtp")
+        for proj in (
+            "attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b",
+            "ffn.shared_experts.w1", "ffn.shared_experts.w2", "ffn.shared_experts.w3",
+        )
+    } | {"mtp.*.e_proj": "colwise_gather_output", "mtp.*.h_proj": "colwise_gather_output"}  # fmt: skip
     # A plain attribute: transformers >= 5 turns `rope_scaling` into a property that rewrites it as
     # `rope_parameters`; the released key (and its YaRN-only-on-compressed-layers meaning) is kept verbatim.
     rope_scaling = None

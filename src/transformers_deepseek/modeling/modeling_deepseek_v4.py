@@ -526,25 +526,67 @@ class DeepseekV4Gate(nn.Module):
         return weights * self.route_scale, indices
 
 
+class _CopyToExpertRanks(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the expert-parallel group (each rank saw some experts)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumOverExpertRanks(torch.autograd.Function):
+    """All-reduce (sum) of the ranks' partial expert outputs; the consumers are replicated, so the gradient passes."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, group) -> torch.Tensor:
+        y = y.clone()
+        torch.distributed.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class DeepseekV4MoE(nn.Module):
     def __init__(self, config: DeepseekV4Config, layer_idx: int) -> None:
         super().__init__()
         self.gate = DeepseekV4Gate(config, layer_idx)
         self.experts = nn.ModuleList(DeepseekV4Expert(config) for _ in range(config.n_routed_experts))
         self.shared_experts = DeepseekV4Expert(config)
+        # Expert parallelism (DeepseekV4PreTrainedModel.distribute_experts): this rank runs `local_experts` only.
+        self.local_experts = range(config.n_routed_experts)
+        self.expert_group = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices = self.gate(x, None if input_ids is None else input_ids.reshape(-1))
         y = torch.zeros_like(x, dtype=torch.float32)
+        xe, we = x, weights
+        if self.expert_group is not None:
+            xe, we = (
+                _CopyToExpertRanks.apply(x, self.expert_group),
+                _CopyToExpertRanks.apply(weights, self.expert_group),
+            )
         counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
         for e, count in enumerate(counts):
-            if count == 0:
+            if count == 0 or e not in self.local_experts:
                 continue
             rows, slot = torch.where(indices == e)
             # Same indexed update as the official code (a token listing an expert twice is written once).
-            y[rows] += self.experts[e](x[rows], weights[rows, slot, None])
+            y[rows] += self.experts[e](xe[rows], we[rows, slot, None])
+        if self.expert_group is not None:
+            # The official expert-parallel reduction: one fp32 all-reduce of the partial sums, before the shared
+            # expert. Exact for top-2 routing on 2 ranks (a + b == b + a); fp32 reassociation otherwise.
+            y = _SumOverExpertRanks.apply(y, self.expert_group)
         y = y + self.shared_experts(x)
         return y.to(x.dtype).view(shape)
 
@@ -688,6 +730,29 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = [
         "wo_a", "compressor.wkv", "compressor.wgate", "weights_proj", "head", r"(?:layers|mtp)\.\d+\.ffn\.experts",
     ]  # fmt: skip
+
+    def distribute_experts(self, group: object | None = None) -> None:
+        """Expert parallelism over ``group`` (default: the whole ``torch.distributed`` world, already initialised).
+
+        Rank ``r`` of ``w`` keeps routed experts ``[r*n/w, (r+1)*n/w)`` of every MoE layer (the others are dropped,
+        freeing their memory); everything else stays replicated. Each rank routes every token, runs its own experts,
+        and the fp32 partial sums are all-reduced before the shared expert is added (SPEC §4 accumulates the experts
+        in fp32). Call after loading, before the forward.
+        """
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        for module in self.modules():
+            if not isinstance(module, DeepseekV4MoE):
+                continue
+            n = len(module.experts)
+            if n % world:
+                raise ValueError(f"n_routed_experts={n} is not divisible by the expert-parallel world size {world}")
+            module.local_experts = range(rank * n // world, (rank + 1) * n // world)
+            for e in range(n):
+                if e not in module.local_experts:
+                    module.experts[e] = nn.Identity()
+            module.expert_group = group if group is not None else dist.group.WORLD
 
     @property
     def dtype(self) -> torch.dtype:
