@@ -14,8 +14,8 @@ import pytest
 from hub_server import LoopbackHub
 
 TOKEN = "hf_loopback_test_token"
-# The demo pipeline at test size: 2 optimizer steps on ~60k characters of docstrings.
-SHORT_TRAINING = {"steps": 2, "chars": 60_000, "vocab": 512}
+# The demo pipeline at test size: 2 optimizer steps of 2 x 32 tokens on ~60k characters of docstrings.
+SHORT_TRAINING = {"steps": 2, "chars": 60_000, "vocab": 512, "batch": 2, "seq": 32}
 
 
 @pytest.fixture(name="hub")
