@@ -37,7 +37,9 @@ from pathlib import Path
 SHARD_BYTES = 400 * 2**20
 MAX_RATIO = 1.15  # issue 4: bytes resident / in memory <= 1.15x the checkpoint's bytes on disk
 
-# A mid-size V4 (Flash layout, smaller dims) whose FP4 experts dominate the checkpoint, like the release.
+# A mid-size V4 (Flash layout, smaller dims) whose FP4 experts dominate the checkpoint as in the release (91% of its
+# bytes). 4.2 GB on disk: the process's fixed import cost (~0.33 GiB of Python, torch and transformers) then weighs 8%
+# of the checkpoint, still far more than the ~0.2% it weighs next to V4-Flash's 160 GB.
 SYNTHETIC = {
     "vocab_size": 8192,
     "hidden_size": 2048,
@@ -50,7 +52,7 @@ SYNTHETIC = {
     "q_lora_rank": 512,
     "o_groups": 4,
     "o_lora_rank": 512,
-    "n_routed_experts": 64,
+    "n_routed_experts": 128,
     "num_experts_per_tok": 6,
     "index_n_heads": 16,
     "index_topk": 512,
