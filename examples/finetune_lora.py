@@ -39,6 +39,7 @@ import torch
 
 from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM
 from transformers_deepseek.demo import TINY
+from transformers_deepseek.quantization.quantizer import released_dtype_overrides
 from transformers_deepseek.tokenization import load_default_tokenizer
 from transformers_deepseek.training import (
     DataCollatorForChat,
@@ -140,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         # bf16 like the release; the parameters the official model keeps in fp32 are created in fp32 regardless.
         base = DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16)
         base_dir = Path(tempfile.mkdtemp(prefix="tdseek-base-"))
-        base.save_pretrained(base_dir)
+        # Released on-disk dtypes: the norms / compressor projections / head the model holds in fp32 are bf16 on disk.
+        overrides = released_dtype_overrides(base)
+        state = {k: v.to(overrides.get(k, v.dtype)) for k, v in base.state_dict().items()}
+        base.save_pretrained(base_dir, state_dict=state)
     model = DeepseekV4ForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
     model.config.use_cache = False
     peft_model = get_peft_model(model, lora_config(r=args.rank, lora_alpha=2 * args.rank))
