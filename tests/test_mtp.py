@@ -139,48 +139,29 @@ def test_crop_rows_equals_crop_and_rolls_back_each_row():
 # ---------------------------------------------------------------------------------------------------------------
 # Greedy speculative decoding
 # ---------------------------------------------------------------------------------------------------------------
-def _greedy_in_verification_chunks(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Plain greedy decoding (no MTP) whose decode steps run the verification's shape: [last token, any token],
-    argmax at the first position, the second taken back."""
-    cache = DeepseekV4Cache(config=model.config, max_crop=1)
-    tok = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
-    out = [tok]
-    for _ in range(new_tokens - 1):
-        chunk = torch.stack([tok, torch.zeros_like(tok)], dim=1)
-        tok = model(chunk, past_key_values=cache).logits[:, 0].argmax(-1)
-        cache.crop(-1)
-        out.append(tok)
-    return torch.cat([ids, torch.stack(out, dim=1)], dim=1)
-
-
 def _check_greedy_fixture(name: str, new_tokens: int, prompt: int = 120) -> None:
     model, golden = _load(name)
     ids = golden.input_ids[:, :prompt]
     with torch.no_grad():
-        spec = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_mtp=True,
-                              return_dict_in_generate=True)  # fmt: skip
-        ref = _greedy_in_verification_chunks(model, ids, new_tokens)
+        spec = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                              use_mtp=True, return_dict_in_generate=True)  # fmt: skip
         plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
-    same = (spec.sequences[:, prompt:] == plain[:, prompt:]).long().cumprod(1).sum(1)
     print(f"\n{name}: acceptance {spec.num_accepted}/{spec.num_drafted}, main forwards {spec.num_main_forwards} for "
-          f"{new_tokens} tokens; identical to 1-token plain greedy for the first {same.tolist()} tokens")  # fmt: skip
-    # The random fixtures' MTP heads never agree with the main model, so every step verifies [last, draft] and takes
-    # the draft back: exactly the reference's computation. (Plain 1-token decoding rounds differently in the CPU
-    # kernels and the indexer top-k / FP8 simulation amplify it; it diverges at near-ties, as the official model's
-    # own prefill and decode paths do - see CHANGELOG.)
-    assert spec.num_accepted == 0, "premise of the reference: every draft rejected"
+          f"{new_tokens} tokens")  # fmt: skip
+    # Verification runs 2-token chunks where plain greedy runs 1-token steps; the default batch-invariant kernels make
+    # a token's logits independent of that, so the tokens are the same. (The random fixtures' MTP heads never agree
+    # with the main model: every draft is rejected and rolled back, one main forward per token.)
+    assert torch.equal(spec.sequences, plain)
     assert spec.num_main_forwards == new_tokens
-    assert torch.equal(spec.sequences, ref)
-    assert bool((same >= 1).all())  # the first token comes from the same prefill
 
 
-def test_greedy_speculation_equals_greedy_in_verification_chunks():
-    _check_greedy_fixture("tiny-bf16", new_tokens=12)
+def test_greedy_speculation_equals_plain_greedy():
+    _check_greedy_fixture("tiny-bf16", new_tokens=64)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ALL_FIXTURES)
-def test_greedy_speculation_equals_greedy_in_verification_chunks_every_fixture(name):
+@pytest.mark.parametrize("name", [n for n in ALL_FIXTURES if n != "tiny-bf16"])
+def test_greedy_speculation_equals_plain_greedy_every_fixture(name):
     _check_greedy_fixture(name, new_tokens=64)
 
 

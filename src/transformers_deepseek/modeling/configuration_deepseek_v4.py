@@ -121,12 +121,18 @@ class DeepseekV4Config(PretrainedConfig):
         eos_token_id: int | list[int] | None = 1,
         pad_token_id: int | None = None,
         tie_word_embeddings: bool = False,
+        batch_invariant: bool = True,
         **kwargs: Any,
     ) -> None:
         inference = _pop_inference_keys(kwargs)
         local = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "inference", "__class__")}
         local.update(inference)
         self.vocab_size = local["vocab_size"]
+        # Not a released key. True: shape-independent CPU kernels (numerics.pointwise / linear / topk_indices), so a
+        # token's logits do not depend on the batch, the chunking or speculative verification around it. False: the
+        # plain kernels, whose rounding depends on the call's shape as the official model's does; they reproduce the
+        # golden fixtures' decode path bit for bit (prefill is bit-exact either way).
+        self.batch_invariant = bool(local["batch_invariant"])
         self.hidden_size = local["hidden_size"]
         self.moe_intermediate_size = local["moe_intermediate_size"]
         self.num_hidden_layers = local["num_hidden_layers"]

@@ -29,7 +29,17 @@ from .cache_deepseek_v4 import (
     unpack_kv,
 )
 from .configuration_deepseek_v4 import DeepseekV4Config
-from .numerics import apply_rope, fp4_simulate, fp8_simulate, hadamard_rotate, rope_cis, yarn_inv_freq
+from .numerics import (
+    apply_rope,
+    fp4_simulate,
+    fp8_simulate,
+    hadamard_rotate,
+    linear,
+    pointwise,
+    rope_cis,
+    topk_indices,
+    yarn_inv_freq,
+)
 
 # Official kernel constants (SPEC §5-§6).
 KV_FP8_BLOCK = 64
@@ -44,15 +54,16 @@ _QUERY_CHUNK_ELEMS = 1 << 26  # bound on gathered-KV elements materialised per a
 class DeepseekV4RMSNorm(nn.Module):
     """RMSNorm in fp32 with an fp32 weight, cast back to the input dtype (SPEC §4)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, batch_invariant: bool = True) -> None:
         super().__init__()
         self.eps = eps
+        self.batch_invariant = batch_invariant
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        x = x * pointwise(torch.rsqrt, x.square().mean(-1, keepdim=True) + self.eps, self.batch_invariant)
         return (self.weight * x).to(dtype)
 
 
@@ -90,16 +101,22 @@ class DeepseekV4GroupedLinear(nn.Linear):
 
 
 def sinkhorn_split(
-    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
+    mixes: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc: int,
+    iters: int,
+    eps: float,
+    batch_invariant: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hc_split_sinkhorn`` (SPEC §6): mixes ``[B,S,(2+hc)hc]`` fp32 -> pre ``[B,S,hc]``, post ``[B,S,hc]``,
     comb ``[B,S,hc,hc]``."""
-    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    pre = pointwise(torch.sigmoid, mixes[..., :hc] * scale[0] + base[:hc], batch_invariant) + eps
+    post = 2 * pointwise(torch.sigmoid, mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc], batch_invariant)
     comb = mixes[..., 2 * hc :].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
     # Kernel softmax spelled out (exp(x - max) / sum): torch.softmax rounds differently in the last fp32 bit, which
     # flips bf16 roundings of the streams downstream; this form reproduces the official streams bit for bit.
-    comb = torch.exp(comb - comb.amax(-1, keepdim=True))
+    comb = pointwise(torch.exp, comb - comb.amax(-1, keepdim=True), batch_invariant)
     comb = comb / comb.sum(-1, keepdim=True) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -108,21 +125,22 @@ def sinkhorn_split(
     return pre, post, comb
 
 
-def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, eps: float, batch_invariant: bool = True) -> torch.Tensor:
     """Mixing logits of the flattened streams: ``F.linear(x, fn) * rsqrt(mean(x^2) + eps)`` in fp32 (SPEC §4)."""
-    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return F.linear(x, fn) * rsqrt
+    rsqrt = pointwise(torch.rsqrt, x.square().mean(-1, keepdim=True) + eps, batch_invariant)
+    return linear(x, fn, batch_invariant) * rsqrt
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention pieces
 # ---------------------------------------------------------------------------------------------------------------
-def window_positions(positions: torch.Tensor, window: int) -> torch.Tensor:
+def window_positions(positions: torch.Tensor, window: int, full_width: bool = False) -> torch.Tensor:
     """Absolute key positions of each query's sliding window, oldest first, ``-1`` padded: ``[B, S, w]``.
 
-    Official order (SPEC §4): ``max(0, t-win+1) .. t`` then ``-1`` for rows shorter than the window.
+    Official order (SPEC §4): ``max(0, t-win+1) .. t`` then ``-1`` for rows shorter than the window. ``w`` is the
+    window, or with ``full_width=False`` only as much of it as the chunk's last position can fill.
     """
-    width = max(1, min(window, int(positions.max().item()) + 1))
+    width = window if full_width else max(1, min(window, int(positions.max().item()) + 1))
     first = (positions - window + 1).clamp(min=0).unsqueeze(-1)
     keys = first + torch.arange(width, device=positions.device)
     return torch.where((keys > positions.unsqueeze(-1)) | (positions.unsqueeze(-1) < 0), -1, keys)
@@ -139,15 +157,19 @@ def dense_source(keys: torch.Tensor, indices: torch.Tensor) -> KeySource:
     return (lambda idx: flat[idx.clamp(min=0) + base]), indices
 
 
-def sparse_attention(q: torch.Tensor, sink: torch.Tensor, scale: float, sources: list[KeySource]) -> torch.Tensor:
+def sparse_attention(
+    q: torch.Tensor, sink: torch.Tensor, scale: float, sources: list[KeySource], batch_invariant: bool = True
+) -> torch.Tensor:
     """The official ``sparse_attn`` (SPEC §6) as a gather over index lists.
 
     q ``[B,S,H,D]`` bf16; ``sources`` are ``(gather, indices [B,S,k])`` pairs whose gathered keys (K = V, bf16
     ``[B,s,k,D]``) are concatenated in order (window first, then compressed entries, as the official index list);
     ``-1`` marks an empty slot. Logits in fp32; an online softmax over blocks of 64 indices whose probabilities are
     rounded to bf16 for P.V (fp32 accumulation) while the denominator keeps fp32 P; the sink ``[H]`` joins the
-    denominator only. Output bf16.
+    denominator only. Output bf16. ``batch_invariant``: every block is a full 64 slots, empty ones masked, as in the
+    kernel, so that a query's blocks are the same whatever the other queries of the call need.
     """
+    exp = lambda t: pointwise(torch.exp, t, batch_invariant)  # noqa: E731
     bsz, seqlen, heads, dim = q.shape
     k_total = sum(idx.shape[-1] for _, idx in sources)
     chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * k_total * dim))
@@ -156,24 +178,28 @@ def sparse_attention(q: torch.Tensor, sink: torch.Tensor, scale: float, sources:
         parts = [(gather(idx[:, s0 : s0 + chunk]), idx[:, s0 : s0 + chunk] >= 0) for gather, idx in sources]
         gathered = torch.cat([g for g, _ in parts], dim=2).float()  # [B, s, K, D]
         valid = torch.cat([v for _, v in parts], dim=2)
+        if batch_invariant and k_total % ATTN_INDEX_BLOCK:
+            pad = ATTN_INDEX_BLOCK - k_total % ATTN_INDEX_BLOCK
+            gathered = F.pad(gathered, (0, 0, 0, pad))
+            valid = F.pad(valid, (0, pad), value=False)
         logits = torch.einsum("bshd,bskd->bshk", q[:, s0 : s0 + chunk].float(), gathered) * scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         running_max = acc = denom = None
-        for k0 in range(0, k_total, ATTN_INDEX_BLOCK):
+        for k0 in range(0, valid.shape[-1], ATTN_INDEX_BLOCK):
             block = logits[..., k0 : k0 + ATTN_INDEX_BLOCK]
             values = gathered[:, :, k0 : k0 + ATTN_INDEX_BLOCK]
             block_max = block.amax(-1)
             new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
-            p = torch.exp(block - new_max.unsqueeze(-1))
+            p = exp(block - new_max.unsqueeze(-1))
             pv = torch.einsum("bshk,bskd->bshd", p.to(torch.bfloat16).float(), values)
             if running_max is None:
                 acc, denom = pv, p.sum(-1)
             else:
-                alpha = torch.exp(running_max - new_max)
+                alpha = exp(running_max - new_max)
                 acc = acc * alpha.unsqueeze(-1) + pv
                 denom = denom * alpha + p.sum(-1)
             running_max = new_max
-        denom = denom + torch.exp(sink.float().view(1, 1, heads) - running_max)
+        denom = denom + exp(sink.float().view(1, 1, heads) - running_max)
         outs.append((acc / denom.unsqueeze(-1)).to(q.dtype))
     return torch.cat(outs, dim=1)
 
@@ -210,11 +236,12 @@ class DeepseekV4Compressor(nn.Module):
         self.rope_dim = config.qk_rope_head_dim
         self.overlap = ratio == 4
         self.rotate = rotate
+        self.batch_invariant = config.batch_invariant
         width = (2 if self.overlap else 1) * head_dim
         self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
         self.wkv = _linear(config.hidden_size, width, dtype=torch.float32)
         self.wgate = _linear(config.hidden_size, width, dtype=torch.float32)
-        self.norm = DeepseekV4RMSNorm(head_dim, config.rms_norm_eps)
+        self.norm = DeepseekV4RMSNorm(head_dim, config.rms_norm_eps, config.batch_invariant)
 
     def forward(
         self, x: torch.Tensor, chunk: ChunkState, inv_freq: torch.Tensor, cache: DeepseekV4CacheLayer | None, name: str
@@ -226,8 +253,9 @@ class DeepseekV4Compressor(nn.Module):
         ratio, d = self.ratio, self.head_dim
         xf = x.float()
         rows = {
-            "kv": F.linear(xf, self.wkv.weight.float()),  # [B, S, w]
-            "score": F.linear(xf, self.wgate.weight.float()) + self.ape[chunk.positions.clamp(min=0) % ratio],
+            "kv": linear(xf, self.wkv.weight.float(), self.batch_invariant),  # [B, S, w]
+            "score": linear(xf, self.wgate.weight.float(), self.batch_invariant)
+            + self.ape[chunk.positions.clamp(min=0) % ratio],
         }
         tail = cache.tail(name) if cache is not None else None
         prev = 0 if tail is None else tail["kv"].shape[1]
@@ -258,10 +286,10 @@ class DeepseekV4Compressor(nn.Module):
         """Norm, RoPE at ``positions [B, n]`` and the low-precision simulation of pooled bf16 entries ``[B, n, d]``."""
         kv = self.norm(pooled)
         rd = self.rope_dim
-        rope = apply_rope(kv[..., -rd:], rope_cis(inv_freq, positions))
+        rope = apply_rope(kv[..., -rd:], rope_cis(inv_freq, positions, self.batch_invariant))
         if self.rotate:
             kv = torch.cat([kv[..., :-rd], rope], dim=-1)
-            return fp4_simulate(hadamard_rotate(kv), INDEXER_FP4_BLOCK)
+            return fp4_simulate(hadamard_rotate(kv, self.batch_invariant), INDEXER_FP4_BLOCK)
         return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), rope], dim=-1)
 
 
@@ -306,6 +334,7 @@ class DeepseekV4Indexer(nn.Module):
         self.rope_dim = config.qk_rope_head_dim
         self.topk = config.index_topk
         self.ratio = ratio
+        self.batch_invariant = config.batch_invariant
         self.wq_b = _linear(config.q_lora_rank, self.heads * self.head_dim)
         self.weights_proj = _linear(config.hidden_size, self.heads)
         self.compressor = DeepseekV4Compressor(config, ratio, self.head_dim, rotate=True)
@@ -315,7 +344,7 @@ class DeepseekV4Indexer(nn.Module):
         q = self.wq_b(qr).unflatten(-1, (self.heads, self.head_dim))  # [B, S, H, d]
         rd = self.rope_dim
         q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
-        return fp4_simulate(hadamard_rotate(q), INDEXER_FP4_BLOCK)
+        return fp4_simulate(hadamard_rotate(q, self.batch_invariant), INDEXER_FP4_BLOCK)
 
     def forward(
         self,
@@ -359,7 +388,7 @@ class DeepseekV4Indexer(nn.Module):
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
             score = score.masked_fill(hidden, float("-inf"))
-            top = score.topk(k, dim=-1).indices
+            top = topk_indices(score, k, self.batch_invariant)
             out.append(torch.where(top >= visible.unsqueeze(-1), -1, top))
         return torch.cat(out, dim=1)
 
@@ -377,15 +406,16 @@ class DeepseekV4Attention(nn.Module):
         self.groups = config.o_groups
         self.o_lora_rank = config.o_lora_rank
         self.eps = config.rms_norm_eps
+        self.batch_invariant = config.batch_invariant
         self.ratio = config.layer_compress_ratio(layer_idx)
         self.scale = self.head_dim**-0.5
         dim = config.hidden_size
         self.attn_sink = nn.Parameter(torch.zeros(self.heads, dtype=torch.float32))
         self.wq_a = _linear(dim, config.q_lora_rank)
-        self.q_norm = DeepseekV4RMSNorm(config.q_lora_rank, self.eps)
+        self.q_norm = DeepseekV4RMSNorm(config.q_lora_rank, self.eps, self.batch_invariant)
         self.wq_b = _linear(config.q_lora_rank, self.heads * self.head_dim)
         self.wkv = _linear(dim, self.head_dim)
-        self.kv_norm = DeepseekV4RMSNorm(self.head_dim, self.eps)
+        self.kv_norm = DeepseekV4RMSNorm(self.head_dim, self.eps, self.batch_invariant)
         self.wo_a = DeepseekV4GroupedLinear(
             self.heads * self.head_dim // self.groups, self.groups * self.o_lora_rank, self.groups
         )
@@ -418,11 +448,12 @@ class DeepseekV4Attention(nn.Module):
         rd = self.rope_dim
         positions = chunk.positions
         inv_freq = self.inv_freq
-        cis = rope_cis(inv_freq, positions.clamp(min=0))  # [B, S, rd/2]
+        cis = rope_cis(inv_freq, positions.clamp(min=0), self.batch_invariant)  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.heads, self.head_dim))
-        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)  # bf16 arithmetic, no weight (SPEC §7)
+        # bf16 arithmetic, no weight (SPEC §7)
+        q = q * pointwise(torch.rsqrt, q.square().mean(-1, keepdim=True) + self.eps, self.batch_invariant)
         q = torch.cat([q[..., :-rd], apply_rope(q[..., -rd:], cis)], dim=-1)
 
         # Window keys: the cached window of earlier chunks, then this chunk's KV.
@@ -430,7 +461,7 @@ class DeepseekV4Attention(nn.Module):
         prev = cache.window_len() if cache is not None else 0
         local = kv if prev == 0 else torch.cat([unpack_kv(cache.window), kv], dim=1)
         view = ChunkView(positions, chunk.old_len, prev)
-        win_idx = view.slot(window_positions(positions, self.window))  # [B, S, w]
+        win_idx = view.slot(window_positions(positions, self.window, self.batch_invariant))  # [B, S, w]
         # A padding query attends to its own slot only (its output is discarded; this keeps the softmax finite).
         own = prev + torch.arange(seqlen, device=x.device)
         win_idx[..., 0] = torch.where(positions < 0, own, win_idx[..., 0])
@@ -452,7 +483,7 @@ class DeepseekV4Attention(nn.Module):
                 picked = torch.arange(n, device=x.device).expand(bsz, seqlen, n)
                 picked = torch.where(picked >= visible.unsqueeze(-1), -1, picked)
             sources.append((gather, picked))
-        o = sparse_attention(q, self.attn_sink, self.scale, sources)
+        o = sparse_attention(q, self.attn_sink, self.scale, sources, self.batch_invariant)
         o = torch.cat([o[..., :-rd], apply_rope(o[..., -rd:], cis, inverse=True)], dim=-1)
         o = self.wo_a(o.view(bsz, seqlen, self.groups, -1))  # [B, S, groups, o_lora_rank]
         return self.wo_b(o.flatten(2))
@@ -470,6 +501,7 @@ class DeepseekV4Expert(nn.Module):
         self.w2 = _linear(config.moe_intermediate_size, config.hidden_size)
         self.w3 = _linear(config.hidden_size, config.moe_intermediate_size)
         self.limit = config.swiglu_limit
+        self.batch_invariant = config.batch_invariant
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.w1(x).float()
@@ -477,7 +509,7 @@ class DeepseekV4Expert(nn.Module):
         if self.limit > 0:
             up = up.clamp(-self.limit, self.limit)
             gate = gate.clamp(max=self.limit)
-        h = F.silu(gate) * up
+        h = pointwise(F.silu, gate, self.batch_invariant) * up
         if weight is not None:
             h = weight * h
         return self.w2(h.to(x.dtype))
@@ -493,6 +525,7 @@ class DeepseekV4Gate(nn.Module):
         self.route_scale = config.routed_scaling_factor
         self.n_experts = config.n_routed_experts
         self.hash = layer_idx < config.num_hash_layers
+        self.batch_invariant = config.batch_invariant
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         if self.hash:
             self.register_buffer(
@@ -506,20 +539,20 @@ class DeepseekV4Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [T, dim]`` -> routing weights ``[T, k]`` fp32 and expert ids ``[T, k]``."""
-        scores = F.linear(x.float(), self.weight.float())
+        scores = linear(x.float(), self.weight.float(), self.batch_invariant)
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":
-            scores = scores.sigmoid()
+            scores = pointwise(torch.sigmoid, scores, self.batch_invariant)
         else:
-            scores = F.softplus(scores).sqrt()
+            scores = pointwise(lambda s: F.softplus(s).sqrt(), scores, self.batch_invariant)
         if self.hash:
             if input_ids is None:
                 raise ValueError("hash-routed layers (num_hash_layers > 0) need `input_ids`, not only `inputs_embeds`")
             indices = self.tid2eid[input_ids]
         else:
             biased = scores + self.bias if self.bias is not None else scores
-            indices = biased.topk(self.topk, dim=-1).indices
+            indices = topk_indices(biased, self.topk, self.batch_invariant)
         weights = scores.gather(1, indices)
         if self.score_func != "softmax":
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -606,8 +639,9 @@ class DeepseekV4DecoderLayer(nn.Module):
         self.norm_eps = config.rms_norm_eps
         self.attn = DeepseekV4Attention(config, layer_idx)
         self.ffn = DeepseekV4MoE(config, layer_idx)
-        self.attn_norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn_norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.batch_invariant = config.batch_invariant
+        self.attn_norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps, config.batch_invariant)
+        self.ffn_norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps, config.batch_invariant)
         mix, width = config.hc_mix_dim, config.hc_mult * config.hidden_size
         for part in ("attn", "ffn"):
             self.register_parameter(f"hc_{part}_fn", nn.Parameter(torch.zeros(mix, width, dtype=torch.float32)))
@@ -616,10 +650,10 @@ class DeepseekV4DecoderLayer(nn.Module):
 
     def _hc_pre(self, streams: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = streams.flatten(2).float()  # [B, S, hc*dim]
-        mixes = hc_mix_logits(flat, getattr(self, f"hc_{part}_fn"), self.norm_eps)
+        mixes = hc_mix_logits(flat, getattr(self, f"hc_{part}_fn"), self.norm_eps, self.batch_invariant)
         pre, post, comb = sinkhorn_split(
             mixes, getattr(self, f"hc_{part}_scale"), getattr(self, f"hc_{part}_base"), self.hc, self.iters,
-            self.hc_eps,
+            self.hc_eps, self.batch_invariant,
         )  # fmt: skip
         x = (pre.unsqueeze(-1) * flat.view(streams.shape)).sum(dim=2)
         return x.to(streams.dtype), post, comb
@@ -650,11 +684,18 @@ class DeepseekV4DecoderLayer(nn.Module):
 
 
 def hc_head_reduce(
-    streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float, hc_eps: float
+    streams: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    norm_eps: float,
+    hc_eps: float,
+    batch_invariant: bool = True,
 ) -> torch.Tensor:
     """``hc_head``: sigmoid-weighted sum of the streams ``[B,S,hc,dim]`` -> ``[B,S,dim]`` (SPEC §4)."""
     flat = streams.flatten(2).float()
-    pre = torch.sigmoid(hc_mix_logits(flat, fn, norm_eps) * scale + base) + hc_eps
+    mixes = hc_mix_logits(flat, fn, norm_eps, batch_invariant) * scale + base
+    pre = pointwise(torch.sigmoid, mixes, batch_invariant) + hc_eps
     return (pre.unsqueeze(-1) * flat.view(streams.shape)).sum(dim=2).to(streams.dtype)
 
 
@@ -666,9 +707,9 @@ class DeepseekV4MTPBlock(DeepseekV4DecoderLayer):
         dim = config.hidden_size
         self.e_proj = _linear(dim, dim)
         self.h_proj = _linear(dim, dim)
-        self.enorm = DeepseekV4RMSNorm(dim, config.rms_norm_eps)
-        self.hnorm = DeepseekV4RMSNorm(dim, config.rms_norm_eps)
-        self.norm = DeepseekV4RMSNorm(dim, config.rms_norm_eps)
+        self.enorm = DeepseekV4RMSNorm(dim, config.rms_norm_eps, config.batch_invariant)
+        self.hnorm = DeepseekV4RMSNorm(dim, config.rms_norm_eps, config.batch_invariant)
+        self.norm = DeepseekV4RMSNorm(dim, config.rms_norm_eps, config.batch_invariant)
         self.hc_head_fn = nn.Parameter(torch.zeros(config.hc_mult, config.hc_mult * dim, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(config.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
@@ -686,7 +727,9 @@ class DeepseekV4MTPBlock(DeepseekV4DecoderLayer):
         ``chunk`` as in :meth:`DeepseekV4DecoderLayer.forward`; ``cache`` holds this block's own state (SPEC §4)."""
         x = self.e_proj(self.enorm(embeds)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
         x = super().forward(x, chunk, next_ids, cache)
-        x = hc_head_reduce(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps, self.hc_eps)
+        x = hc_head_reduce(
+            x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps, self.hc_eps, self.batch_invariant
+        )
         return self.norm(x)
 
 
@@ -828,7 +871,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
     def _build_backbone(self, config: DeepseekV4Config) -> None:
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DeepseekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = DeepseekV4RMSNorm(config.hidden_size, config.rms_norm_eps, config.batch_invariant)
         hc, width = config.hc_mult, config.hc_mult * config.hidden_size
         self.hc_head_fn = nn.Parameter(torch.zeros(hc, width, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
@@ -893,7 +936,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             cache.commit(chunk.new_len, seqlen)
         hidden = hc_head_reduce(
             streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.config.rms_norm_eps,
-            self.config.hc_eps,
+            self.config.hc_eps, self.config.batch_invariant,
         )  # fmt: skip
         return DeepseekV4ModelOutput(
             last_hidden_state=self.norm(hidden),
@@ -973,7 +1016,7 @@ class DeepseekV4ForCausalLM(DeepseekV4Model, GenerationMixin):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of normed hidden states ``[..., dim]`` with the fp32 head (SPEC §4)."""
-        return F.linear(hidden.float(), self.head.weight.float())
+        return linear(hidden.float(), self.head.weight.float(), self.config.batch_invariant)
 
     def mtp_logits(
         self,

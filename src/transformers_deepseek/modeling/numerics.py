@@ -97,11 +97,15 @@ def sylvester_hadamard(n: int, device: torch.device | None = None) -> torch.Tens
     return h
 
 
-def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+def hadamard_rotate(x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
     """``hadamard_transform(x, scale=d^-0.5)``: orthonormal Walsh-Hadamard in fp32, result in ``x.dtype`` (SPEC §6)."""
     d = x.shape[-1]
     h = sylvester_hadamard(d, x.device)
-    return (torch.matmul(x.float(), h) * (d**-0.5)).to(x.dtype)
+    rows = x.numel() // d
+    flat = x.float().reshape(rows, d)
+    if batch_invariant and 0 < rows < _GEMM_MIN_ROWS:  # see "Shape-independent CPU kernels" below
+        flat = torch.cat([flat, flat.new_zeros(_GEMM_MIN_ROWS - rows, d)])
+    return (torch.matmul(flat, h)[:rows] * (d**-0.5)).view(x.shape).to(x.dtype)
 
 
 def yarn_inv_freq(dim: int, base: float, yarn: dict[str, float] | None) -> torch.Tensor:
@@ -127,10 +131,10 @@ def yarn_inv_freq(dim: int, base: float, yarn: dict[str, float] | None) -> torch
     return freqs / yarn["factor"] * (1 - smooth) + freqs * smooth
 
 
-def rope_cis(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def rope_cis(inv_freq: torch.Tensor, positions: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
     """Complex rotations ``exp(i * pos * f)`` as complex64 ``[*positions.shape, dim/2]``."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
-    return torch.polar(torch.ones_like(angles), angles)
+    return pointwise(lambda a: torch.polar(torch.ones_like(a), a), angles, batch_invariant)
 
 
 def apply_rope(x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -144,3 +148,81 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> tor
     if xc.dim() == 4:  # [B, S, H, rd/2]
         cis = cis.unsqueeze(2)
     return torch.view_as_real(xc * cis).flatten(-2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shape-independent CPU kernels (config.batch_invariant)
+# ---------------------------------------------------------------------------------------------------------------------
+# A token's result should not depend on what it is computed with: the other rows of a padded batch, the rest of a
+# prefill chunk, the extra tokens of a speculative verification. Three CPU kernel behaviours break that, each
+# measured on torch 2.13 (tests/test_batch_invariance.py checks them on the machine that runs the tests):
+# - Elementwise kernels (exp, sigmoid, rsqrt, silu, cos/sin, ...) run 2-vector strides through SIMD code and the
+#   remainder of each thread's range through scalar libm, which rounds differently: an element's value depends on
+#   its offset in the flattened tensor. Padding the flat tensor so that no range has a remainder sends every
+#   element through the SIMD code, as a full-size call (a prefill, or the official model's precomputed RoPE table)
+#   does.
+# - fp32 GEMMs with few rows (M < 12 and not a multiple of 4) take other micro-kernels than large ones. Padding to
+#   16 rows gives every row the large-M result. (bf16 GEMMs are row-independent at every M.)
+# - torch.topk breaks ties depending on the row length. Keys made unique by the index make the selection and its
+#   order a function of the values only: larger score first, lower index first among equal scores.
+_SIMD_STRIDE = 256  # elements; a multiple of every 2-vector stride (64 bf16 values in two 512-bit registers)
+_PARALLEL_GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops split ranges over threads above this size
+_GEMM_MIN_ROWS = 16
+
+
+def _aligned_numel(n: int) -> int:
+    """Smallest size >= ``n`` whose per-thread ranges (ATen: ``min(threads, ceil(n / grain))`` equal chunks) are all
+    multiples of the SIMD stride."""
+    threads = max(1, torch.get_num_threads())
+    size = n
+    while True:
+        used = max(1, min(threads, -(-size // _PARALLEL_GRAIN)))
+        step = _SIMD_STRIDE * used
+        aligned = -(-size // step) * step
+        if aligned == size:
+            return size
+        size = aligned
+
+
+def pointwise(fn, x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
+    """``fn(x)`` for an elementwise ``fn`` whose result per element does not depend on ``x``'s shape (see above)."""
+    if not batch_invariant or x.numel() == 0:
+        return fn(x)
+    n = x.numel()
+    flat = x.reshape(-1)
+    size = _aligned_numel(n)
+    if size != n or not flat.is_contiguous():
+        flat = torch.cat([flat, flat.new_zeros(size - n)])
+    return fn(flat)[:n].view(x.shape)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
+    """``F.linear(x, weight)`` whose rows do not depend on how many rows are computed together (see above)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not batch_invariant or rows >= _GEMM_MIN_ROWS or x.dtype != torch.float32 or rows == 0:
+        return torch.nn.functional.linear(x, weight)
+    flat = x.reshape(rows, x.shape[-1])
+    flat = torch.cat([flat, flat.new_zeros(_GEMM_MIN_ROWS - rows, x.shape[-1])])
+    return torch.nn.functional.linear(flat, weight)[:rows].view(*x.shape[:-1], weight.shape[0])
+
+
+def _order_preserving_int(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered as the floats ``x`` (bf16 / fp16 / fp32; NaN not supported)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        bits, magnitude = x.view(torch.int16).to(torch.int64), 0x7FFF
+    else:
+        bits, magnitude = x.float().view(torch.int32).to(torch.int64), 0x7FFFFFFF
+    return torch.where(bits < 0, bits ^ magnitude, bits)
+
+
+def topk_indices(scores: torch.Tensor, k: int, batch_invariant: bool = True) -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores`` along the last dim, largest first.
+
+    Batch-invariant: ties go to the lower index, so the result depends on the values only, not on the row length.
+    """
+    if not batch_invariant:
+        return scores.topk(k, dim=-1).indices
+    n = scores.shape[-1]
+    index = torch.arange(n, device=scores.device, dtype=torch.int64)
+    keys = _order_preserving_int(scores) * (1 << 32) + ((1 << 32) - 1 - index)
+    return keys.topk(k, dim=-1).indices

@@ -10,11 +10,10 @@ summed by one fp32 matmul of the dequantized operands, which differs only in fp3
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.modeling_deepseek_v4 import DeepseekV4GroupedLinear
-from ..modeling.numerics import quantize_activation_fp8
+from ..modeling.numerics import linear, quantize_activation_fp8
 from .formats import (
     FP4_BLOCK_SIZE,
     FP8_BLOCK_SIZE,
@@ -50,7 +49,7 @@ class _FrozenPackedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: _PackedLinear) -> torch.Tensor:  # type: ignore[override]
         ctx.module, ctx.dtype = module, x.dtype
-        return F.linear(fp8_activation(x), module.dequantized_weight(torch.float32)).to(x.dtype)
+        return module.matmul(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
@@ -62,6 +61,8 @@ class _PackedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    # config.batch_invariant, set by the quantizer: rows independent of how many are computed together.
+    batch_invariant: bool = True
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
@@ -71,8 +72,12 @@ class _PackedLinear(nn.Module):
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
         if torch.is_grad_enabled() and x.requires_grad:  # training through the frozen base (e.g. LoRA)
             return _FrozenPackedMatmul.apply(x, self)
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Output in the activation dtype (bf16 in the model), as the official GEMMs write the default dtype.
-        return F.linear(fp8_activation(x), self.dequantized_weight(torch.float32)).to(x.dtype)
+        w = self.dequantized_weight(torch.float32)
+        return linear(fp8_activation(x), w, self.batch_invariant).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -109,6 +114,7 @@ class FP8Linear(_PackedLinear):
         new = cls(module.in_features, module.out_features, device="meta")
         new.weight = nn.Parameter(weight, requires_grad=False)
         new.scale = nn.Parameter(scale, requires_grad=False)
+        new.batch_invariant = module.batch_invariant
         return new
 
 

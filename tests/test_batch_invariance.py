@@ -1,0 +1,89 @@
+"""The shape-independent kernels behind ``batch_invariant=True`` (modeling/numerics.py), checked on this machine's
+CPU kernels: an element's or a row's result must not depend on the size or offset of the call it is part of."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformers_deepseek.modeling.numerics import linear, pointwise, topk_indices
+
+FUNCTIONS = {
+    "exp": torch.exp,
+    "sigmoid": torch.sigmoid,
+    "rsqrt": torch.rsqrt,
+    "silu": F.silu,
+    "sqrtsoftplus": lambda s: F.softplus(s).sqrt(),
+    "polar": lambda a: torch.polar(torch.ones_like(a), a),
+}
+SIZE = 100_000  # above the 32768-element grain, so the reference call is split over threads as well
+
+
+@pytest.fixture(scope="module")
+def reference():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(SIZE, generator=gen) * 8 + 0.01  # positive: rsqrt defined everywhere
+    return {(n, dt): pointwise(fn, x.to(dt)) for n, fn in FUNCTIONS.items() for dt in (torch.float32, torch.bfloat16)
+            if not (n == "polar" and dt == torch.bfloat16)}  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(sorted(FUNCTIONS)),
+    bf16=st.booleans(),
+    start=st.integers(0, SIZE - 1),
+    length=st.integers(1, 70_000),
+)
+def test_pointwise_result_of_an_element_does_not_depend_on_the_call(reference, name, bf16, start, length):
+    dtype = torch.bfloat16 if bf16 and name != "polar" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(SIZE, generator=gen) * 8 + 0.01).to(dtype)
+    stop = min(SIZE, start + length)
+    got = pointwise(FUNCTIONS[name], x[start:stop].view(1, -1))
+    assert torch.equal(got.view(-1), reference[name, dtype][start:stop])
+
+
+def test_plain_elementwise_kernels_do_depend_on_the_call():
+    """Why pointwise() exists: the same values through torch.sigmoid directly round differently by offset."""
+    x = torch.rand(4096, generator=torch.Generator().manual_seed(1)) * 8 - 4
+    full = torch.sigmoid(x)
+    differs = any(
+        not torch.equal(torch.sigmoid(x[i : i + n]), full[i : i + n]) for i in range(0, 64, 3) for n in (5, 7)
+    )
+    assert differs
+
+
+@pytest.mark.parametrize("k_dim", [64, 256, 1024])
+@pytest.mark.parametrize("n_dim", [8, 24, 256, 1000])
+def test_fp32_linear_rows_do_not_depend_on_the_row_count(k_dim, n_dim):
+    gen = torch.Generator().manual_seed(k_dim + n_dim)
+    w, x = torch.randn(n_dim, k_dim, generator=gen), torch.randn(300, k_dim, generator=gen)
+    full = linear(x, w)
+    for m in [*range(1, 40), 63, 64, 65, 127, 128, 129, 200]:
+        for start in (0, 7, 300 - m):
+            assert torch.equal(linear(x[start : start + m], w), full[start : start + m]), (m, start)
+    assert torch.equal(linear(x[:3].view(1, 3, k_dim), w), full[:3].view(1, 3, n_dim))
+
+
+def test_topk_prefers_the_lower_index_on_ties_whatever_the_row_length():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 0.5]], dtype=torch.bfloat16)
+    assert topk_indices(scores, 4).tolist() == [[1, 3, 2, 4]]
+    padded = torch.cat([scores, torch.full((1, 90), float("-inf"), dtype=torch.bfloat16)], dim=-1)
+    assert topk_indices(padded, 4).tolist() == [[1, 3, 2, 4]]
+    mixed = torch.tensor([[-0.5, -2.0, float("-inf"), -0.5, 4.0]])
+    assert topk_indices(mixed, 5).tolist() == [[4, 0, 3, 1, 2]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_topk_selects_what_torch_selects_up_to_ties(n, k, seed, bf16):
+    k = min(k, n)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    scores = torch.randn(3, n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    ours = topk_indices(scores, k)
+    values = scores.gather(-1, ours)
+    assert torch.equal(values, scores.topk(k, dim=-1).values)  # the same multiset of top values, in order
+    assert torch.equal(ours, topk_indices(torch.cat([scores, scores.new_full((3, 17), float("-inf"))], -1), k))
