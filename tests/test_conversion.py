@@ -557,3 +557,34 @@ def test_every_subcommand_has_help(capsys):
             cli(["convert", sub, "--help"])
         assert exc.value.code == 0
         assert "INPUT_DIR" in capsys.readouterr().out
+
+
+def test_dequantized_output_quantized_on_load_has_the_fp8_golden_parity(out, fp8_ckpt):
+    """The bf16 output served in FP8: `from_pretrained(bf16_dir, quantization_config=DeepseekV4FP8Config())`
+    quantizes after loading with fresh ue8m0 scales; every packed value is the released one, so the model is the
+    released FP8 model (activation quantization included) and its layer streams are the official ones bit for bit."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM
+
+    from transformers_deepseek.quantization import DeepseekV4FP8Config
+    from transformers_deepseek.quantization.modules import FP4Linear, FP8Linear
+
+    golden = fp8_ckpt[1]
+    model = AutoModelForCausalLM.from_pretrained(
+        out / "bf16", quantization_config=DeepseekV4FP8Config(), batch_invariant=False
+    ).eval()
+    ref = AutoModelForCausalLM.from_pretrained(fp8_ckpt[0], batch_invariant=False).eval()
+    assert isinstance(model.layers[1].attn.wq_b, FP8Linear) and isinstance(
+        model.layers[2].ffn.experts[3].w1, FP4Linear
+    )
+    for name, module in ref.named_modules():
+        if isinstance(module, (FP8Linear, FP4Linear)):
+            ours = model.get_submodule(name)
+            assert torch.equal(ours.dequantized_weight(), module.dequantized_weight()), name
+    with torch.no_grad():
+        streams = model(golden.input_ids, output_hidden_states=True, use_cache=False).hidden_states[1:]
+    digests = [hashlib.sha256(h.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for h in streams]
+    assert digests == golden.meta["layer_stream_sha256"]
+    report = _assert_parity(model, golden)
+    print("\n".join(report.lines()))

@@ -29,6 +29,7 @@ from ..modeling.modeling_deepseek_v4 import (
     DeepseekV4RMSNorm,
 )
 from .config import EXPERT_DTYPES, DeepseekV4FP8Config
+from .formats import quantize_fp4_e2m1, quantize_fp8_blocks
 from .modules import FP4Linear, FP8DequantizedLinear, FP8Linear, _PackedLinear, to_dequantized_linear
 from .residency import release_unreferenced_pages, trim_heap
 
@@ -135,6 +136,7 @@ def swap_in_packed_linears(model: nn.Module, layout: dict[str, str], block: tupl
             new: nn.Module = FP4Linear(linear.in_features, linear.out_features, device="meta")
         else:
             new = FP8Linear(linear.in_features, linear.out_features, block, device="meta")
+        new.batch_invariant = getattr(model.config, "batch_invariant", True)
         _set_module(model, name, new)
 
 
@@ -147,7 +149,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 class DeepseekV4FP8HfQuantizer(HfQuantizer):
     """Pre-quantized loading / saving of the released FP8 + FP4-expert checkpoints (see the module docstring)."""
 
-    requires_calibration = True  # only pre-quantized (released) checkpoints; no on-the-fly quantization
+    # Released (pre-quantized) checkpoints load packed; a bf16 checkpoint given an explicit DeepseekV4FP8Config is
+    # quantized after loading with fresh ue8m0 scales (exact for values that came from the release, see below).
+    requires_calibration = False
     quantization_config: DeepseekV4FP8Config
 
     def __init__(self, quantization_config: DeepseekV4FP8Config, **kwargs: Any) -> None:
@@ -157,6 +161,7 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         self.disk_dtypes: dict[str, torch.dtype] = {}
         self.layout: dict[str, str] = {}
         self.checkpoint_files: list[str] = []
+        self.quantize_on_load = False
 
     # ------------------------------------------------------------------ transformers hooks
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -241,6 +246,14 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         header = read_checkpoint_headers(files) if files else {}
         self.expert_dtype = self._resolve_expert_dtype(model, header)
         self.layout = quantized_linears(model, self.expert_dtype)
+        self.quantize_on_load = bool(header) and all(
+            header.get(f"{name}.weight", ("?",))[0] in _HIGH_PRECISION for name in self.layout
+        )
+        if self.quantize_on_load:
+            # A bf16 checkpoint (e.g. `convert dequantize` output): load it as it is, quantize after loading.
+            self.disk_dtypes = {k: _ST_DTYPES[d] for k, (d, _) in header.items() if d in _HIGH_PRECISION}
+            model.config.expert_dtype = self.expert_dtype
+            return model
         if header:
             self._check_header(model, header)
             self.disk_dtypes = {
@@ -252,6 +265,8 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.quantize_on_load:
+            self._quantize_linears(model)
         not_loaded = [
             f"{name}.{p}" for name in self.layout for p, t in model.get_submodule(name).named_parameters()
             if t.is_meta
@@ -265,6 +280,30 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         release_unreferenced_pages(tensors, self.checkpoint_files)
         trim_heap()
         return model
+
+    def _quantize_linears(self, model: nn.Module) -> None:
+        """Replace the loaded high-precision linears of the layout by packed ones (official rounding, ue8m0 scales).
+
+        Weights that were dequantized from a release (``convert dequantize``) come back to exactly the same values:
+        a fresh scale is the old one or a smaller power of two, and a power-of-two rescale of an e4m3 / e2m1 code
+        that still fits under the format's maximum is again a code of the format.
+        """
+        block = self.quantization_config.block
+        for name, kind in self.layout.items():
+            linear = model.get_submodule(name)
+            w = linear.weight.detach()
+            if kind == "fp4":
+                q, scale = quantize_fp4_e2m1(w, name=f"{name}.weight")
+                new: nn.Module = FP4Linear(linear.in_features, linear.out_features, device="meta")
+            else:
+                q, scale = quantize_fp8_blocks(w, block, name=f"{name}.weight")
+                new = FP8Linear(linear.in_features, linear.out_features, block, device="meta")
+            new.weight = nn.Parameter(q, requires_grad=False)
+            new.scale = nn.Parameter(scale, requires_grad=False)
+            new.batch_invariant = getattr(model.config, "batch_invariant", True)
+            _set_module(model, name, new)
+            for key in ("weight", "scale"):
+                self.disk_dtypes.pop(f"{name}.{key}", None)
 
     def _finalize_linears(self, model: nn.Module) -> None:
         """The loaded packed linears in their final form: ``wo_a`` dequantized to bf16, then the options."""
