@@ -480,9 +480,30 @@ def test_bad_configs_are_refused_by_field_name(fp8_fixture, raw, tmp_path, edit,
         _load(path)
 
 
-def test_on_the_fly_quantization_is_refused():
-    with pytest.raises(ValueError, match="pre-quantized"):
-        DeepseekV4FP8HfQuantizer(DeepseekV4FP8Config(), pre_quantized=False)
+def test_bf16_checkpoint_is_quantized_on_load_and_saves_the_released_layout(tmp_path, fp8_fixture):
+    """A bf16 checkpoint with an explicit DeepseekV4FP8Config: packed after loading with the official rounding
+    (FP8 128x128 / FP4 1x32, ue8m0 scales), wo_a back to its bf16 dequantization; saving writes the released
+    layout, which loads back into the same packed tensors."""
+    raw = json.loads((fp8_fixture[0] / "config.json").read_text())
+    raw.pop("quantization_config"), raw.pop("expert_dtype", None)
+    config = DeepseekV4Config(**raw)
+    torch.manual_seed(0)
+    DeepseekV4ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=DeepseekV4FP8Config())
+    bf16 = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "bf16")
+    wq_b, w1 = model.layers[1].attn.wq_b, model.layers[1].ffn.experts[0].w1
+    assert isinstance(wq_b, FP8Linear) and isinstance(w1, FP4Linear)
+    q, s = quantize_fp8_blocks(bf16.layers[1].attn.wq_b.weight.detach().to(torch.bfloat16))
+    assert _same_bytes(wq_b.weight, q) and _same_bytes(wq_b.scale, s)
+    q, s = quantize_fp4_e2m1(bf16.layers[1].ffn.experts[0].w1.weight.detach().to(torch.bfloat16))
+    assert _same_bytes(w1.weight, q) and _same_bytes(w1.scale, s)
+    model.save_pretrained(tmp_path / "fp8")
+    saved = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "fp8" and saved["expert_dtype"] == "fp4"
+    again = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "fp8")
+    mine, theirs = dict(model.named_parameters()), dict(again.named_parameters())
+    assert mine.keys() == theirs.keys()
+    assert all(_same_bytes(mine[k], theirs[k]) for k in mine)
 
 
 @pytest.fixture(autouse=True)
