@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM
+from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM, DeepseekV4Model
 from transformers_deepseek.conversion.table import TABLE, Kind, Layout, build_plan, mp_entries, mp_file_name, mp_owner
 from transformers_deepseek.quantization.quantizer import expected_tensors, quantized_linears, released_dtype_overrides
 
@@ -95,6 +95,27 @@ def test_flash_mp8_split_matches_the_official_mapping_and_covers_every_tensor():
             assert len(got) == 8 and sum(s[dim] for _, _, s in got) == e.shape[dim]
         else:
             assert len(got) == 8 and all(s == e.shape for _, _, s in got)
+
+
+def test_quantizer_reads_the_table_for_the_tensors_the_model_holds():
+    """The bare DeepseekV4Model has no MTP blocks and no head: the quantizer's views of the table leave them out."""
+    config = DeepseekV4Config(
+        vocab_size=256, hidden_size=128, moe_intermediate_size=128, num_hidden_layers=2, num_nextn_predict_layers=1,
+        num_hash_layers=1, num_attention_heads=2, head_dim=128, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+        n_routed_experts=2, num_experts_per_tok=1, index_n_heads=2, index_head_dim=128, compress_ratios=[4, 128, 0],
+    )  # fmt: skip
+    with torch.device("meta"):
+        full, bare = DeepseekV4ForCausalLM(config), DeepseekV4Model(config)
+    kinds = quantized_linears(full, "fp8")
+    assert kinds["layers.0.attn.wo_a"] == "wo_a" and kinds["layers.0.attn.indexer.wq_b"] == "fp8"
+    assert kinds["layers.1.ffn.experts.1.w2"] == "fp8" and kinds["mtp.0.e_proj"] == "fp8"
+    assert quantized_linears(bare, "fp8") == {k: v for k, v in kinds.items() if not k.startswith("mtp.")}
+    overrides = released_dtype_overrides(full)
+    assert overrides["head.weight"] == torch.bfloat16 and "mtp.0.enorm.weight" in overrides
+    kept = {k: v for k, v in overrides.items() if not k.startswith("mtp.") and k != "head.weight"}
+    assert released_dtype_overrides(bare) == kept
+    params = dict(bare.named_parameters())
+    assert all(params[k].dtype == torch.float32 for k in kept)  # held fp32, stored bf16
 
 
 @st.composite

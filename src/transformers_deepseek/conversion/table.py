@@ -1,5 +1,7 @@
 """THE weight table: every DeepSeek-V4 tensor, its on-disk name, dtype and shape, its model-parallel shard dim and
-its name in transformers' native ``deepseek_v4`` (SPEC §3). Every conversion direction is derived from it.
+its name in transformers' native ``deepseek_v4`` (SPEC §3). Every conversion direction is derived from it, and so
+is the loader: the HfQuantizer (quantization/quantizer.py) reads which linears are packed, their on-disk dtypes and
+shapes and the on-disk dtypes of the fp32-held tensors from this table.
 
 One :class:`Rule` per logical tensor (a linear counts once, whatever its storage: ``weight`` + ``scale`` in FP8/FP4,
 ``weight`` alone in bf16). :func:`build_plan` expands the table for a config and a storage :class:`Layout` into the
@@ -97,8 +99,9 @@ class Rule:
     ``mp_dim``: dim split across model-parallel ranks by the official convert.py (its ``mapping``), None =
     replicated; routed experts are split by index instead. ``native``: name in transformers 5.23 ``deepseek_v4``
     (``{P}`` = ``model.layers.L``), None = native has no such tensor; ``native_part`` = (chunk, n_chunks) of the
-    merged 3-D expert tensor's dim 1 (``gate_up_proj`` = [w1; w3]). ``inference_bf16``: stored dequantized to bf16 in
-    the official MP shards (``wo_a``, SPEC §3).
+    merged 3-D expert tensor's dim 1 (``gate_up_proj`` = [w1; w3]). ``inference_bf16``: FP8 in the release but used in
+    bf16 without activation quantization, so stored dequantized in the official MP shards and dequantized at load by
+    the quantizer (``wo_a``, SPEC §3, §5.3).
     """
 
     name: str

@@ -20,79 +20,49 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from ..modeling.modeling_deepseek_v4 import (
-    DeepseekV4Attention,
-    DeepseekV4Compressor,
-    DeepseekV4Indexer,
-    DeepseekV4MoE,
-    DeepseekV4MTPBlock,
-    DeepseekV4RMSNorm,
-)
+from ..conversion.table import FP8_BLOCK, ST_DTYPES, Kind, Layout, Tensor, iter_tensors, stored_tensors
 from .config import EXPERT_DTYPES, DeepseekV4FP8Config
 from .formats import quantize_fp4_e2m1, quantize_fp8_blocks
 from .modules import FP4Linear, FP8DequantizedLinear, FP8Linear, _PackedLinear, to_dequantized_linear
 from .residency import release_unreferenced_pages, trim_heap
 
-# SPEC §3: which linears the release stores quantized, per module class (everything else is bf16/fp32 on disk).
-FP8_LINEARS: dict[type[nn.Module], tuple[str, ...]] = {
-    DeepseekV4Attention: ("wq_a", "wq_b", "wkv", "wo_a", "wo_b"),
-    DeepseekV4Indexer: ("wq_b",),
-    DeepseekV4MTPBlock: ("e_proj", "h_proj"),
-}
-# Stored FP8 but used as bf16 without activation quantization: dequantized once at load (SPEC §3, §5.3).
-DEQUANTIZED_AT_LOAD: dict[type[nn.Module], tuple[str, ...]] = {DeepseekV4Attention: ("wo_a",)}
-EXPERT_PROJS = ("w1", "w2", "w3")
-
-# safetensors dtype names.
-_ST_DTYPES = {
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E8M0": torch.float8_e8m0fnu,
-    "I8": torch.int8,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _HIGH_PRECISION = ("BF16", "F16", "F32", "F64")
+
+
+def model_tensors(model: nn.Module) -> list[Tensor]:
+    """The logical tensors of ``model.config`` in the weight table (conversion/table.py) that ``model`` holds: all of
+    them for ``DeepseekV4ForCausalLM``, none of MTP and the head for the bare ``DeepseekV4Model``. A linear's
+    ``base`` is its module name, a leaf's its parameter / buffer name (module paths are the released names)."""
+    held = {name for name, _ in model.named_modules()}
+    held.update(name for name, _ in model.named_parameters(remove_duplicate=False))
+    held.update(name for name, _ in model.named_buffers(remove_duplicate=False))
+    return [t for t in iter_tensors(model.config) if t.base in held]
 
 
 def quantized_linears(model: nn.Module, expert_dtype: str) -> dict[str, str]:
     """Module name -> storage kind (``"fp8"``, ``"fp4"``, ``"wo_a"``) of every linear the release stores quantized.
 
-    Driven by the module classes (SPEC §3), not by names: attention / indexer / MTP projections and shared experts
-    are FP8, routed experts FP4 (or FP8 with ``expert_dtype="fp8"``), ``wo_a`` FP8 dequantized at load.
+    Read from the weight table (SPEC §3): its LINEAR rules are FP8, its EXPERT rules (routed experts) FP4 or, with
+    ``expert_dtype="fp8"``, FP8; the rule stored FP8 but used in bf16 (``inference_bf16``: ``wo_a``) is dequantized
+    at load.
     """
-    out: dict[str, str] = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for cls, children in FP8_LINEARS.items():
-            if isinstance(module, cls):
-                for child in children:
-                    dequant = child in DEQUANTIZED_AT_LOAD.get(cls, ())
-                    out[prefix + child] = "wo_a" if dequant else "fp8"
-        if isinstance(module, DeepseekV4MoE):
-            for proj in EXPERT_PROJS:
-                out[f"{prefix}shared_experts.{proj}"] = "fp8"
-            for e in range(len(module.experts)):
-                for proj in EXPERT_PROJS:
-                    out[f"{prefix}experts.{e}.{proj}"] = expert_dtype
-    return out
-
-
-def expected_tensors(kind: str, linear: nn.Linear | _PackedLinear, block: tuple[int, int]) -> dict[str, tuple]:
-    """``{"weight": (st_dtype, shape), "scale": (...)}`` of one quantized linear on disk (SPEC §3)."""
-    out_f, in_f = linear.out_features, linear.in_features
-    if kind == "fp4":
-        return {"weight": ("I8", (out_f, in_f // 2)), "scale": ("F8_E8M0", (out_f, -(-in_f // 32)))}
+    layout = Layout("fp8", expert_dtype)
     return {
-        "weight": ("F8_E4M3", (out_f, in_f)),
-        "scale": ("F8_E8M0", (-(-out_f // block[0]), -(-in_f // block[1]))),
+        t.base: "wo_a" if t.rule.inference_bf16 else layout.format_of(t.rule.kind)
+        for t in model_tensors(model)
+        if t.is_linear
     }
+
+
+def expected_tensors(
+    kind: str, linear: nn.Linear | _PackedLinear, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{"weight": (st_dtype, shape), "scale": (...)}`` on disk of one linear of :func:`quantized_linears` storage
+    ``kind``, by the weight table's :func:`stored_tensors` (SPEC §3: 128x128 FP8 blocks, 1x32 FP4 blocks)."""
+    if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+        raise ValueError(f"FP8 weight block must be {[FP8_BLOCK, FP8_BLOCK]} (SPEC §3), got {list(block)}")
+    rule_kind, fmt = (Kind.EXPERT, "fp4") if kind == "fp4" else (Kind.LINEAR, "fp8")
+    return stored_tensors(rule_kind, fmt, (linear.out_features, linear.in_features))
 
 
 def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -111,20 +81,12 @@ def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> dict[str, tup
 
 
 def released_dtype_overrides(model: nn.Module) -> dict[str, torch.dtype]:
-    """Parameters the official model keeps in fp32 but the release stores in bf16 (SPEC §3): RMSNorm weights,
-    compressor ``wkv`` / ``wgate``, the LM head."""
-    out: dict[str, torch.dtype] = {}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, DeepseekV4RMSNorm):
-            out[prefix + "weight"] = torch.bfloat16
-        elif isinstance(module, DeepseekV4Compressor):
-            out[prefix + "wkv.weight"] = torch.bfloat16
-            out[prefix + "wgate.weight"] = torch.bfloat16
-        elif head is not None and module is head:
-            out[prefix + "weight"] = torch.bfloat16
-    return out
+    """Parameters the official model keeps in fp32 but the release stores in bf16: the weight table's BF16_FP32
+    rules (RMSNorm weights, compressor ``wkv`` / ``wgate``, the LM head; SPEC §3), with their on-disk dtype."""
+    layout = Layout()
+    return {
+        t.base: ST_DTYPES[t.stored(layout)[t.base][0]] for t in model_tensors(model) if t.rule.kind is Kind.BF16_FP32
+    }
 
 
 def swap_in_packed_linears(model: nn.Module, layout: dict[str, str], block: tuple[int, int]) -> None:
@@ -251,13 +213,13 @@ class DeepseekV4FP8HfQuantizer(HfQuantizer):
         )
         if self.quantize_on_load:
             # A bf16 checkpoint (e.g. `convert dequantize` output): load it as it is, quantize after loading.
-            self.disk_dtypes = {k: _ST_DTYPES[d] for k, (d, _) in header.items() if d in _HIGH_PRECISION}
+            self.disk_dtypes = {k: ST_DTYPES[d] for k, (d, _) in header.items() if d in _HIGH_PRECISION}
             model.config.expert_dtype = self.expert_dtype
             return model
         if header:
             self._check_header(model, header)
             self.disk_dtypes = {
-                k: _ST_DTYPES[d]
+                k: ST_DTYPES[d]
                 for k, (d, _) in header.items()
                 if d in _HIGH_PRECISION and k.rpartition(".")[0] not in self.layout
             }
