@@ -803,6 +803,20 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
         exceptions (SPEC §3-§4), and save_pretrained writes this as `torch_dtype`."""
         return self.get_input_embeddings().weight.dtype
 
+    # Tensor name -> on-disk dtype for the tensors held in another dtype than the release stores (the fp32-held
+    # RMSNorm weights, compressor projections and head are bf16 on disk). Installed by
+    # transformers_deepseek.register() from the weight table, which modeling/ does not import.
+    released_dtypes: Callable[[nn.Module], dict[str, torch.dtype]] | None = None
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):  # type: ignore[override]
+        """``PreTrainedModel.save_pretrained`` writing the released layout: tensors the model holds in fp32 but the
+        release stores in bf16 are saved in bf16 (a quantized model's quantizer does this itself)."""
+        rule = type(self).released_dtypes
+        if state_dict is None and getattr(self, "hf_quantizer", None) is None and rule is not None:
+            dtypes = rule(self)
+            state_dict = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in self.state_dict().items()}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):  # type: ignore[override]
         """``PreTrainedModel.from_pretrained`` that refuses incomplete checkpoints.

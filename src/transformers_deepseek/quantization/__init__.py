@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..modeling.modeling_deepseek_v4 import DeepseekV4PreTrainedModel
 from .config import QUANT_METHOD, RELEASED_QUANT_METHOD, DeepseekV4FP8Config, is_released_v4_fp8
 from .formats import (
     E2M1_VALUES,
@@ -26,7 +27,7 @@ from .formats import (
     unpack_fp4,
 )
 from .modules import FP4Linear, FP8DequantizedLinear, FP8Linear, fp8_activation
-from .quantizer import DeepseekV4FP8HfQuantizer, quantized_linears
+from .quantizer import DeepseekV4FP8HfQuantizer, quantized_linears, released_dtype_overrides
 
 __all__ = [
     "QUANT_METHOD",
@@ -77,6 +78,8 @@ def register_quantization(config_class: type | None = None) -> None:
     if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not DeepseekV4FP8HfQuantizer:
         auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         auto.register_quantizer(QUANT_METHOD)(DeepseekV4FP8HfQuantizer)
+    # Unquantized models save the released on-disk dtypes too (the weight table's, via the quantizer's helper).
+    DeepseekV4PreTrainedModel.released_dtypes = staticmethod(released_dtype_overrides)
     loading_types: Any = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
     if isinstance(loading_types, tuple) and DeepseekV4FP8Config not in loading_types:
         auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*loading_types, DeepseekV4FP8Config)
