@@ -70,11 +70,23 @@ def pack_index_keys(keys: torch.Tensor) -> Store:
 _E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 
 
+def _e2m1_quads() -> torch.Tensor:
+    """int64 ``[65536]``: for every pair of packed bytes (little-endian int16), its four e2m1 values as bf16."""
+    b = torch.arange(1 << 16)
+    lo, hi = b & 0xFF, b >> 8
+    quads = torch.stack([_E2M1[lo & 0xF], _E2M1[lo >> 4], _E2M1[hi & 0xF], _E2M1[hi >> 4]], dim=-1)
+    return quads.to(torch.bfloat16).view(torch.int64).view(-1)
+
+
+_E2M1_QUADS = _e2m1_quads()  # 512 KiB; one lookup decodes 4 values (decode reads every stored key per step)
+
+
 def unpack_index_keys(store: Store) -> torch.Tensor:
-    packed = store["q"]
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).long()
-    v = _E2M1.to(packed.device)[codes].unflatten(-1, (-1, INDEX_BLOCK))
-    return (v * _from_e8m0(store["s"]).unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+    """Packed e2m1 pairs + e8m0 scales -> bf16 keys ``[..., d]`` (exact: e2m1 times a power of two fits bf16)."""
+    packed = store["q"]  # uint8 [..., d/2]
+    pairs = packed.view(torch.int16).to(torch.int32) & 0xFFFF  # [..., d/4] two bytes each
+    v = _E2M1_QUADS.to(packed.device)[pairs].view(torch.bfloat16).unflatten(-1, (-1, INDEX_BLOCK))
+    return (v * _from_e8m0(store["s"]).to(torch.bfloat16).unsqueeze(-1)).flatten(-2)
 
 
 def _take(store: Store, index: torch.Tensor) -> Store:

@@ -383,7 +383,11 @@ class DeepseekV4Indexer(nn.Module):
         chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * n))
         out = []
         for s0 in range(0, seqlen, chunk):
-            score = torch.einsum("bshd,btd->bsht", q[:, s0 : s0 + chunk], keys[:, :n])
+            # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n], keys as the untransposed operand: a decode step does not
+            # copy all n stored keys into a transposed layout (same bf16 scores, checked bit for bit by the tests).
+            qc = q[:, s0 : s0 + chunk]
+            score = torch.matmul(keys[:, :n], qc.flatten(1, 2).transpose(1, 2)).transpose(1, 2)
+            score = score.unflatten(1, qc.shape[1:3])
             score = (score.relu() * weights[:, s0 : s0 + chunk].unsqueeze(-1)).sum(dim=2)  # [B, s, n] bf16
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
