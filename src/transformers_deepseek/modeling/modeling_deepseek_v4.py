@@ -175,13 +175,18 @@ def sparse_attention(
     chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * k_total * dim))
     outs = []
     for s0 in range(0, seqlen, chunk):
-        parts = [(gather(idx[:, s0 : s0 + chunk]), idx[:, s0 : s0 + chunk] >= 0) for gather, idx in sources]
-        gathered = torch.cat([g for g, _ in parts], dim=2).float()  # [B, s, K, D]
-        valid = torch.cat([v for _, v in parts], dim=2)
-        if batch_invariant and k_total % ATTN_INDEX_BLOCK:
-            pad = ATTN_INDEX_BLOCK - k_total % ATTN_INDEX_BLOCK
-            gathered = F.pad(gathered, (0, 0, 0, pad))
-            valid = F.pad(valid, (0, pad), value=False)
+        width = k_total + (-k_total % ATTN_INDEX_BLOCK if batch_invariant else 0)
+        s1 = min(seqlen, s0 + chunk)
+        # One fp32 buffer filled source by source (a single upcasting copy); empty slots are zero keys, masked.
+        gathered = q.new_empty(bsz, s1 - s0, width, dim, dtype=torch.float32)  # [B, s, K, D]
+        valid = torch.zeros(bsz, s1 - s0, width, dtype=torch.bool, device=q.device)
+        k0 = 0
+        for gather, idx in sources:
+            part = idx[:, s0:s1]
+            gathered[:, :, k0 : k0 + part.shape[-1]] = gather(part)
+            valid[:, :, k0 : k0 + part.shape[-1]] = part >= 0
+            k0 += part.shape[-1]
+        gathered[:, :, k_total:] = 0.0
         logits = torch.einsum("bshd,bskd->bshk", q[:, s0 : s0 + chunk].float(), gathered) * scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         running_max = acc = denom = None
