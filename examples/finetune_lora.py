@@ -29,7 +29,6 @@ import os
 import random
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections import Counter
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM
-from transformers_deepseek.demo import TINY
+from transformers_deepseek.demo import TINY, stdlib_modules
 from transformers_deepseek.quantization.quantizer import released_dtype_overrides
 from transformers_deepseek.tokenization import load_default_tokenizer
 from transformers_deepseek.training import (
@@ -55,16 +54,8 @@ DEFAULT_BASE = DEFAULT_BASE / "tiny-bf16" / "checkpoint"
 
 def docstring_chats(max_modules: int | None = None) -> list[tuple[str, list[dict[str, str]]]]:
     """``(module, conversation)`` per documented public function / method of the standard library."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for path in sorted(root.rglob("*.py")):
-        if any(p in path.parts for p in ("test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__")):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
+    for module, tree in stdlib_modules():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
                 doc = ast.get_docstring(node)

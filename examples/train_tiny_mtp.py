@@ -13,10 +13,8 @@ the main model's final streams at ``t`` and the embedding of token ``t + 1`` (SP
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
-import sysconfig
 import tempfile
 import time
 from collections import Counter
@@ -26,30 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM
-from transformers_deepseek.demo import TINY
+from transformers_deepseek.demo import TINY, stdlib_docstrings
 from transformers_deepseek.tokenization import load_default_tokenizer
-
-
-def stdlib_docstrings(limit_chars: int) -> str:
-    """Module, class and function docstrings of the standard library, until ``limit_chars`` characters."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if any(p in path.parts for p in ("test", "tests", "idlelib", "lib2to3", "site-packages")):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    parts.append(doc)
-                    total += len(doc)
-        if total >= limit_chars:
-            break
-    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     tokenizer = load_default_tokenizer()
-    text = stdlib_docstrings(args.chars)
+    text = "\n\n".join(doc for _, doc in stdlib_docstrings(args.chars))
     raw = tokenizer(text, add_special_tokens=False)["input_ids"]
     keep = [tok for tok, _ in Counter(raw).most_common(args.vocab - 1)]
     to_model = {tok: i for i, tok in enumerate(keep)}

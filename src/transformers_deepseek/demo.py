@@ -37,7 +37,7 @@ import sysconfig
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,11 +72,11 @@ def cache_root() -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Corpus
 # ---------------------------------------------------------------------------------------------------------------------
-def stdlib_docstrings(limit_chars: int) -> list[tuple[str, str]]:
-    """``(qualified name, docstring)`` of standard-library modules, classes and functions with a docstring of more
-    than 200 characters, in a fixed order, until ``limit_chars`` characters."""
+def stdlib_modules() -> Iterator[tuple[str, ast.Module]]:
+    """``(dotted path, parsed source)`` of the standard library's modules in a fixed order: real English text that
+    every Python install has offline (tests, idlelib, lib2to3 and site-packages left out; ``pkg.__init__`` kept as
+    such)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    out, total = [], 0
     for path in sorted(root.rglob("*.py")):
         if any(p in path.parts for p in ("test", "tests", "idlelib", "lib2to3", "site-packages")):
             continue
@@ -84,7 +84,15 @@ def stdlib_docstrings(limit_chars: int) -> list[tuple[str, str]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        yield ".".join(path.relative_to(root).with_suffix("").parts), tree
+
+
+def stdlib_docstrings(limit_chars: int) -> list[tuple[str, str]]:
+    """``(qualified name, docstring)`` of standard-library modules, classes and functions with a docstring of more
+    than 200 characters, in a fixed order, until ``limit_chars`` characters."""
+    out, total = [], 0
+    for dotted, tree in stdlib_modules():
+        module = dotted.removesuffix(".__init__")
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
