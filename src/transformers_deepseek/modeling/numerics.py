@@ -101,11 +101,9 @@ def hadamard_rotate(x: torch.Tensor, batch_invariant: bool = True) -> torch.Tens
     """``hadamard_transform(x, scale=d^-0.5)``: orthonormal Walsh-Hadamard in fp32, result in ``x.dtype`` (SPEC §6)."""
     d = x.shape[-1]
     h = sylvester_hadamard(d, x.device)
-    rows = x.numel() // d
-    flat = x.float().reshape(rows, d)
-    if batch_invariant and 0 < rows < _GEMM_MIN_ROWS:  # see "Shape-independent CPU kernels" below
-        flat = torch.cat([flat, flat.new_zeros(_GEMM_MIN_ROWS - rows, d)])
-    return (torch.matmul(flat, h)[:rows] * (d**-0.5)).view(x.shape).to(x.dtype)
+    flat = x.float().reshape(-1, d)
+    rotated = _rows_at_least(lambda m: torch.matmul(m, h), flat, _GEMM_MIN_ROWS if batch_invariant else 0)
+    return (rotated * (d**-0.5)).view(x.shape).to(x.dtype)
 
 
 def yarn_inv_freq(dim: int, base: float, yarn: dict[str, float] | None) -> torch.Tensor:
@@ -191,19 +189,27 @@ def pointwise(fn, x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor
     n = x.numel()
     flat = x.reshape(-1)
     size = _aligned_numel(n)
-    if size != n or not flat.is_contiguous():
+    if size != n:
         flat = torch.cat([flat, flat.new_zeros(size - n)])
     return fn(flat)[:n].view(x.shape)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
     """``F.linear(x, weight)`` whose rows do not depend on how many rows are computed together (see above)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if not batch_invariant or rows >= _GEMM_MIN_ROWS or x.dtype != torch.float32 or rows == 0:
+    if not batch_invariant or x.dtype != torch.float32:
         return torch.nn.functional.linear(x, weight)
-    flat = x.reshape(rows, x.shape[-1])
-    flat = torch.cat([flat, flat.new_zeros(_GEMM_MIN_ROWS - rows, x.shape[-1])])
-    return torch.nn.functional.linear(flat, weight)[:rows].view(*x.shape[:-1], weight.shape[0])
+    flat = x.reshape(-1, x.shape[-1])
+    out = _rows_at_least(lambda m: torch.nn.functional.linear(m, weight), flat, _GEMM_MIN_ROWS)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _rows_at_least(fn, flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn(flat)`` for a row-wise ``fn`` of ``flat [M, K]``, computed on at least ``rows`` rows (zero rows added,
+    their results dropped) so that a small M takes the same GEMM micro-kernels as a large one."""
+    m = flat.shape[0]
+    if m == 0 or m >= rows:
+        return fn(flat)
+    return fn(torch.cat([flat, flat.new_zeros(rows - m, flat.shape[1])]))[:m]
 
 
 def _order_preserving_int(x: torch.Tensor) -> torch.Tensor:
