@@ -79,3 +79,34 @@ def transformers_version() -> str:
         return version("transformers")
     except PackageNotFoundError:
         return "not installed"
+
+
+def stream_digests(streams) -> list[str]:
+    """sha256 of each tensor's bytes, as the fixture generator records ``layer_stream_sha256``."""
+    import hashlib
+
+    import torch
+
+    return [hashlib.sha256(h.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for h in streams]
+
+
+def read_tensors(root: Path) -> dict:
+    """Every tensor of the ``*.safetensors`` shards in ``root``, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(root).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as g:
+            out.update({k: g.get_tensor(k) for k in g.keys()})  # noqa: SIM118
+    return out
+
+
+def same_bytes(a, b) -> bool:
+    """Same dtype, shape and bytes."""
+    import torch
+
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    )

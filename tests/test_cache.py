@@ -106,13 +106,19 @@ def test_chunked_prefill_and_decode_match_one_prefill(bf16, cuts):
     assert cache.get_seq_length() == 120 and cache.lengths.tolist() == [120, 120]
 
 
-def test_left_padded_batch_rows_match_unbatched_runs(bf16):
-    model, golden = bf16
+def _left_padded_pair(golden):
+    """Rows of 90 and 130 fixture tokens as one left-padded batch: ``(a, b, batch [2, 130], mask [2, 130])``."""
     a, b = golden.input_ids[0, :90], golden.input_ids[1, :130]
     batch = torch.zeros(2, 130, dtype=torch.long)
     mask = torch.zeros(2, 130, dtype=torch.long)
     batch[0, 40:], mask[0, 40:] = a, 1
     batch[1], mask[1] = b, 1
+    return a, b, batch, mask
+
+
+def test_left_padded_batch_rows_match_unbatched_runs(bf16):
+    model, golden = bf16
+    a, b, batch, mask = _left_padded_pair(golden)
     with torch.no_grad():
         padded = model(batch, attention_mask=mask, use_cache=False).logits
         alone = [model(a[None], use_cache=False).logits[0], model(b[None], use_cache=False).logits[0]]
@@ -135,11 +141,7 @@ def test_left_padded_rows_with_plain_kernels_stay_within_the_noise_floor():
     and decode paths): rows then agree up to the end-to-end noise floor only. A padding bug is far above it (a
     NaN-padding bug fixed earlier showed 0.26)."""
     model, golden = _load("tiny-bf16", batch_invariant=False)
-    a, b = golden.input_ids[0, :90], golden.input_ids[1, :130]
-    batch = torch.zeros(2, 130, dtype=torch.long)
-    mask = torch.zeros(2, 130, dtype=torch.long)
-    batch[0, 40:], mask[0, 40:] = a, 1
-    batch[1], mask[1] = b, 1
+    a, b, batch, mask = _left_padded_pair(golden)
     with torch.no_grad():
         padded = model(batch, attention_mask=mask, use_cache=False).logits
         alone = [model(a[None], use_cache=False).logits[0], model(b[None], use_cache=False).logits[0]]

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import has_native_deepseek_v4, require_fixture
+from helpers import has_native_deepseek_v4, read_tensors, require_fixture, same_bytes, stream_digests
 from transformers_deepseek.cli import main as cli
 from transformers_deepseek.parity import checkpoint_dir, end_to_end, load_golden, teacher_forced
 from transformers_deepseek.quantization import formats
@@ -31,26 +31,9 @@ E2E_TOLERANCE = 1.2  # x the fixture's end-to-end noise floor
 OFFICIAL_MP_DIMS = {"embed": 0, "wq_b": 0, "wo_a": 0, "wo_b": 1, "head": 0, "attn_sink": 0, "weights_proj": 0}
 
 
-def read(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as g:
-            for k in g.keys():  # noqa: SIM118
-                out[k] = g.get_tensor(k)
-    return out
-
-
-def raw_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and raw_bytes(a) == raw_bytes(b)
-
-
 def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
-    bad = [k for k in a if not same(a[k], b[k])]
+    bad = [k for k in a if not same_bytes(a[k], b[k])]
     assert not bad, bad[:10]
 
 
@@ -102,8 +85,8 @@ def out(tmp_path_factory, fp8_ckpt) -> Path:
 # Round trips
 # ---------------------------------------------------------------------------------------------------------------------
 def test_released_to_mp_shards_and_back_is_byte_identical(out):
-    src = read(out / "released")
-    assert_identical(read(out / "back"), src)
+    src = read_tensors(out / "released")
+    assert_identical(read_tensors(out / "back"), src)
     assert json.loads((out / "back" / "config.json").read_text()) == json.loads(
         (out / "released/config.json").read_text()
     )
@@ -114,7 +97,7 @@ def test_released_to_mp_shards_and_back_is_byte_identical(out):
 def test_mp_shards_are_what_the_official_convert_py_writes(out):
     """Independent of the table: split dims from the official `mapping`, experts by index, wo_a dequantized to bf16
     (each 128x128 block times its scale in fp32), int8 experts viewed as float4_e2m1fn_x2, official file names."""
-    src = read(out / "released")
+    src = read_tensors(out / "released")
     mp = 2
     assert sorted(p.name for p in (out / "mp2").glob("*.safetensors")) == [
         "model0-mp2.safetensors",
@@ -150,9 +133,9 @@ def test_mp_shards_are_what_the_official_convert_py_writes(out):
 
 
 def test_mp_shards_with_fp8_experts_round_trip(out, tmp_path):
-    src = read(out / "released")
+    src = read_tensors(out / "released")
     assert convert("from-inference", out / "mp2fp8", tmp_path / "back") == 0
-    back = read(tmp_path / "back")
+    back = read_tensors(tmp_path / "back")
     assert set(back) == set(src)
     for name, t in src.items():
         if ".experts." in name and ".shared_" not in name and name.endswith(".weight"):
@@ -163,13 +146,13 @@ def test_mp_shards_with_fp8_experts_round_trip(out, tmp_path):
                 formats.dequantize_fp4(t, src[scale], torch.float32),
             ), name
         elif ".experts." not in name or ".shared_" in name:
-            assert same(back[name], t), name
+            assert same_bytes(back[name], t), name
     assert json.loads((tmp_path / "back" / "config.json").read_text())["expert_dtype"] == "fp8"
 
 
 def test_dequantize_is_exact_and_quantize_gives_back_the_released_bytes(out):
-    src = read(out / "released")
-    bf16 = read(out / "bf16")
+    src = read_tensors(out / "released")
+    bf16 = read_tensors(out / "bf16")
     assert not any(k.endswith(".scale") for k in bf16)
     for name, t in bf16.items():
         if name in src:
@@ -178,10 +161,10 @@ def test_dequantize_is_exact_and_quantize_gives_back_the_released_bytes(out):
                 ref = formats.dequantize_fp8_blocks(ref, src[name[:-6] + "scale"], torch.bfloat16)
             elif ref.dtype == torch.int8:
                 ref = formats.dequantize_fp4(ref, src[name[:-6] + "scale"], torch.bfloat16)
-            assert same(t, ref), name
+            assert same_bytes(t, ref), name
     cfg = json.loads((out / "bf16" / "config.json").read_text())
     assert "quantization_config" not in cfg and "expert_dtype" not in cfg
-    assert_identical(read(out / "requant"), src)
+    assert_identical(read_tensors(out / "requant"), src)
     cfg = json.loads((out / "requant" / "config.json").read_text())
     assert cfg == json.loads((out / "released" / "config.json").read_text())
 
@@ -189,24 +172,24 @@ def test_dequantize_is_exact_and_quantize_gives_back_the_released_bytes(out):
 def test_quantize_with_the_official_rule_alone_gives_the_same_values(out):
     """Without the original scales, blocks whose largest code is 224 (FP8) / 3 (FP4) get half the scale: other
     bytes, identical values (SPEC §6 rounding is applied to already-exact values)."""
-    src, rule = read(out / "released"), read(out / "requant_rule")
+    src, rule = read_tensors(out / "released"), read_tensors(out / "requant_rule")
     assert set(src) == set(rule)
     differ = 0
     for name, t in src.items():
         if name.endswith(".scale"):
             continue  # compared through the values below
         if t.dtype not in (torch.float8_e4m3fn, torch.int8):
-            assert same(rule[name], t), name
+            assert same_bytes(rule[name], t), name
             continue
         scale = name[:-6] + "scale"
         deq = formats.dequantize_fp8_blocks if t.dtype == torch.float8_e4m3fn else formats.dequantize_fp4
         assert torch.equal(deq(rule[name], rule[scale], torch.float32), deq(t, src[scale], torch.float32)), name
-        differ += not same(rule[name], t)
+        differ += not same_bytes(rule[name], t)
     assert differ > 0  # the ambiguity is real on this fixture (every FP4 expert has such blocks)
 
 
 def test_fp4_to_fp8_dequantizes_to_identical_values(out):
-    src, fp8 = read(out / "released"), read(out / "fp8")
+    src, fp8 = read_tensors(out / "released"), read_tensors(out / "fp8")
     n = 0
     for name, t in src.items():
         if t.dtype == torch.int8:
@@ -223,7 +206,7 @@ def test_fp4_to_fp8_dequantizes_to_identical_values(out):
         elif not (
             name.endswith(".scale") and name[:-5] + "weight" in src and src[name[:-5] + "weight"].dtype == torch.int8
         ):
-            assert same(fp8[name], t), name
+            assert same_bytes(fp8[name], t), name
     assert n == 5 * 8 * 3
     assert json.loads((out / "fp8" / "config.json").read_text())["expert_dtype"] == "fp8"
     assert json.loads((out / "fp8" / "inference" / "config.json").read_text())["expert_dtype"] == "fp8"
@@ -277,7 +260,7 @@ def test_byte_identical_outputs_load_as_the_released_model(out, fp8_ckpt):
     for name in ("back", "requant", "merged_zero_lora"):
         got = _load(out / name).state_dict()
         assert got.keys() == ref.keys()
-        assert all(same(got[k], ref[k]) for k in ref), name
+        assert all(same_bytes(got[k], ref[k]) for k in ref), name
 
 
 def test_dequantized_output_loads_as_exact_bf16(out, fp8_ckpt):
@@ -311,7 +294,7 @@ def _adapter(path: Path, modules: dict[str, tuple[int, int]], r: int, alpha: flo
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merge_lora_math_and_requantization(out, tmp_path, rslora):
-    src = read(out / "released")
+    src = read_tensors(out / "released")
     modules = {
         "layers.1.attn.wq_a": (128, 256),  # FP8
         "layers.2.ffn.experts.3.w2": (256, 128),  # FP4
@@ -320,7 +303,7 @@ def test_merge_lora_math_and_requantization(out, tmp_path, rslora):
     r, alpha = 4, 16.0
     lora = _adapter(tmp_path / "adapter", modules, r, alpha, rslora)
     assert convert("merge-lora", out / "released", tmp_path / "merged", "--adapter", tmp_path / "adapter") == 0
-    merged = read(tmp_path / "merged")
+    merged = read_tensors(tmp_path / "merged")
     scaling = alpha / (r**0.5) if rslora else alpha / r
     changed = set()
     for m in modules:
@@ -337,15 +320,15 @@ def test_merge_lora_math_and_requantization(out, tmp_path, rslora):
             q, s = formats.quantize_fp4_e2m1((w.float() + delta).bfloat16())
             expected = {f"{m}.weight": q, f"{m}.scale": s}
         for k, v in expected.items():
-            assert same(merged[k], v), k
+            assert same_bytes(merged[k], v), k
             changed.add(k)
-        assert not same(merged[f"{m}.weight"], src[f"{m}.weight"])
+        assert not same_bytes(merged[f"{m}.weight"], src[f"{m}.weight"])
     assert set(merged) == set(src)
-    assert all(same(merged[k], src[k]) for k in src if k not in changed)
+    assert all(same_bytes(merged[k], src[k]) for k in src if k not in changed)
 
 
 def test_merge_lora_with_zero_b_is_identity(out):
-    assert_identical(read(out / "merged_zero_lora"), read(out / "released"))
+    assert_identical(read_tensors(out / "merged_zero_lora"), read_tensors(out / "released"))
 
 
 def test_merge_lora_refuses_unknown_modules_and_bad_shapes(out, tmp_path, capsys):
@@ -378,10 +361,10 @@ def test_from_native_gives_back_the_released_tensors_except_mtp(tmp_path, form):
         env = {**os.environ, "TDSEEK_NO_OVERRIDE": "1"}
         subprocess.run([sys.executable, "-c", _SAVE_NATIVE, str(ckpt), str(tmp_path / "native"), form], check=True,
                        env=env, capture_output=True)  # fmt: skip
-        src = read(ckpt)
+        src = read_tensors(ckpt)
         src_cfg = json.loads((ckpt / "config.json").read_text())
     assert convert("from-native", tmp_path / "native", tmp_path / "released") == 0
-    got = read(tmp_path / "released")
+    got = read_tensors(tmp_path / "released")
     missing = sorted(set(src) - set(got))
     assert missing and all(k.startswith("mtp.") for k in missing)  # native drops the MTP block (SPEC §9.13)
     assert_identical(got, {k: v for k, v in src.items() if not k.startswith("mtp.")})
@@ -563,8 +546,6 @@ def test_dequantized_output_quantized_on_load_has_the_fp8_golden_parity(out, fp8
     """The bf16 output served in FP8: `from_pretrained(bf16_dir, quantization_config=DeepseekV4FP8Config())`
     quantizes after loading with fresh ue8m0 scales; every packed value is the released one, so the model is the
     released FP8 model (activation quantization included) and its layer streams are the official ones bit for bit."""
-    import hashlib
-
     from transformers import AutoModelForCausalLM
 
     from transformers_deepseek.quantization import DeepseekV4FP8Config
@@ -584,7 +565,6 @@ def test_dequantized_output_quantized_on_load_has_the_fp8_golden_parity(out, fp8
             assert torch.equal(ours.dequantized_weight(), module.dequantized_weight()), name
     with torch.no_grad():
         streams = model(golden.input_ids, output_hidden_states=True, use_cache=False).hidden_states[1:]
-    digests = [hashlib.sha256(h.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for h in streams]
-    assert digests == golden.meta["layer_stream_sha256"]
+    assert stream_digests(streams) == golden.meta["layer_stream_sha256"]
     report = _assert_parity(model, golden)
     print("\n".join(report.lines()))

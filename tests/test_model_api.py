@@ -7,7 +7,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from helpers import require_fixture
+from helpers import read_tensors, require_fixture, same_bytes
 from transformers_deepseek import DeepseekV4ForCausalLM, DeepseekV4Model
 
 
@@ -150,23 +150,14 @@ def test_checkpoint_tensor_of_wrong_shape_is_refused_by_name(tmp_path):
 def test_bf16_checkpoint_load_save_is_byte_identical(tmp_path):
     """An unquantized model saves the released on-disk dtypes: the fp32-held RMSNorm weights, compressor projections
     and head go back to bf16, so load -> save reproduces every tensor of tiny-bf16 byte for byte."""
-    from safetensors import safe_open
-
     from transformers_deepseek.parity import checkpoint_dir, load_golden
-
-    def tensors(root):
-        out = {}
-        for f in sorted(root.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as s:
-                out.update({k: s.get_tensor(k) for k in s.keys()})  # noqa: SIM118
-        return out
 
     golden = load_golden(require_fixture("tiny-bf16"))
     with checkpoint_dir(golden.root) as ckpt:
         model = AutoModelForCausalLM.from_pretrained(ckpt)
         assert model.layers[0].attn_norm.weight.dtype == torch.float32  # held in fp32 (SPEC §4)
         model.save_pretrained(tmp_path)
-        src, out = tensors(ckpt), tensors(tmp_path)
+        src, out = read_tensors(ckpt), read_tensors(tmp_path)
     assert src.keys() == out.keys()
     for k in src:
-        assert src[k].dtype == out[k].dtype and torch.equal(src[k].view(torch.uint8), out[k].view(torch.uint8)), k
+        assert same_bytes(src[k], out[k]), k

@@ -9,13 +9,11 @@ indexer's top-k breaks bf16 score ties (lower entry first, whatever the row leng
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
 import transformers_deepseek.modeling.modeling_deepseek_v4 as modeling
-from helpers import require_fixture
+from helpers import require_fixture, stream_digests
 from transformers_deepseek import DeepseekV4ForCausalLM
 from transformers_deepseek.modeling.numerics import ceil_pow2_scale, rope_cis
 from transformers_deepseek.parity import checkpoint_dir, end_to_end, load_golden, teacher_forced
@@ -68,10 +66,7 @@ def _stream_digests(name: str, batch_invariant: bool):
         model = DeepseekV4ForCausalLM.from_pretrained(ckpt, batch_invariant=batch_invariant).eval()
     with torch.no_grad():
         out = model(golden.input_ids, output_hidden_states=True, use_cache=False)
-    digests = [
-        hashlib.sha256(h.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for h in out.hidden_states[1:]
-    ]
-    return digests, out, golden
+    return stream_digests(out.hidden_states[1:]), out, golden
 
 
 FIXTURES = ["tiny-bf16", "tiny-fp8-fp4", "tiny-ratio16", "tiny-wide"]

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from helpers import require_fixture
+from helpers import read_tensors, require_fixture, same_bytes
 from transformers_deepseek import DeepseekV4Config, DeepseekV4ForCausalLM, DeepseekV4PreTrainedModel
 from transformers_deepseek.modeling.modeling_deepseek_v4 import DeepseekV4GroupedLinear
 from transformers_deepseek.parity import checkpoint_dir, end_to_end, load_golden, rel_l2, teacher_forced
@@ -73,20 +72,6 @@ def pending_modeling_changes() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
-def _read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118
-                out[k] = h.get_tensor(k)
-    return out
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                                      b.reshape(-1).view(torch.uint8))  # fmt: skip
-
-
 def _ref_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Official dequantization, independent of formats.py: e4m3 -> fp32 times the e8m0 block scale (torch casts)."""
     s = scale.float().repeat_interleave(128, 0)[: weight.shape[0]].repeat_interleave(128, 1)[:, : weight.shape[1]]
@@ -128,7 +113,7 @@ def model(fp8_fixture) -> DeepseekV4ForCausalLM:
 
 @pytest.fixture(scope="module")
 def raw(fp8_fixture) -> dict[str, torch.Tensor]:
-    return _read_tensors(fp8_fixture[0])
+    return read_tensors(fp8_fixture[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,11 +193,11 @@ def test_packed_storage_is_the_checkpoint_and_values_equal_official_dequant(mode
         if isinstance(m, FP8DequantizedLinear):
             w, s = raw[f"{name}.weight"], raw[f"{name}.scale"]
             assert torch.equal(m.weight, _ref_fp8(w, s).to(torch.bfloat16)), name
-            assert _same_bytes(m.scale, s), name
+            assert same_bytes(m.scale, s), name
             counts["wo_a"] += 1
         elif isinstance(m, (FP8Linear, FP4Linear)):
             w, s = raw[f"{name}.weight"], raw[f"{name}.scale"]
-            assert _same_bytes(m.weight.data, w) and _same_bytes(m.scale.data, s), name
+            assert same_bytes(m.weight.data, w) and same_bytes(m.scale.data, s), name
             ref = _ref_fp8(w, s) if isinstance(m, FP8Linear) else _ref_fp4(w, s)
             assert torch.equal(m.dequantized_weight(torch.float32), ref), name
             counts["fp8" if isinstance(m, FP8Linear) else "fp4"] += 1
@@ -247,7 +232,7 @@ def test_requantize_reproduces_every_packed_tensor(model):
             continue
         else:
             continue
-        assert _same_bytes(q, m.weight.data) and _same_bytes(s, m.scale.data), name
+        assert same_bytes(q, m.weight.data) and same_bytes(s, m.scale.data), name
         n += 1
     print(f"\nbit-exact re-quantized modules: {n}")
     assert n > 0
@@ -334,9 +319,9 @@ def test_teacher_forced_parity_tiny_ratio16(fp8_fixture):
 # Saving
 # ---------------------------------------------------------------------------------------------------------------------
 def _assert_same_checkpoint(a: Path, b: Path) -> int:
-    ta, tb = _read_tensors(a), _read_tensors(b)
+    ta, tb = read_tensors(a), read_tensors(b)
     assert set(ta) == set(tb), sorted(set(ta) ^ set(tb))[:10]
-    bad = [k for k in ta if not _same_bytes(ta[k], tb[k])]
+    bad = [k for k in ta if not same_bytes(ta[k], tb[k])]
     assert not bad, [(k, ta[k].dtype, tb[k].dtype, tuple(ta[k].shape), tuple(tb[k].shape)) for k in bad[:10]]
     return len(ta)
 
@@ -378,7 +363,7 @@ def test_dequantize_option_gives_plain_bf16_linears(fp8_fixture, raw, tmp_path):
     model.save_pretrained(tmp_path / "bf16")
     saved = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert "quantization_config" not in saved
-    assert _read_tensors(tmp_path / "bf16")["layers.1.attn.wq_a.weight"].dtype == torch.bfloat16
+    assert read_tensors(tmp_path / "bf16")["layers.1.attn.wq_a.weight"].dtype == torch.bfloat16
 
 
 def test_fp4_to_fp8_option(fp8_fixture, model, raw, tmp_path):
@@ -398,7 +383,7 @@ def test_fp4_to_fp8_option(fp8_fixture, model, raw, tmp_path):
     fp8.save_pretrained(tmp_path / "fp8")
     saved = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert saved["expert_dtype"] == "fp8" and saved["quantization_config"]["quant_method"] == "fp8"
-    tensors = _read_tensors(tmp_path / "fp8")
+    tensors = read_tensors(tmp_path / "fp8")
     assert tensors["layers.0.ffn.experts.0.w1.weight"].dtype == torch.float8_e4m3fn
     assert tuple(tensors["layers.0.ffn.experts.0.w1.scale"].shape) == (1, 2)
     reloaded = _load(tmp_path / "fp8")
@@ -494,16 +479,16 @@ def test_bf16_checkpoint_is_quantized_on_load_and_saves_the_released_layout(tmp_
     wq_b, w1 = model.layers[1].attn.wq_b, model.layers[1].ffn.experts[0].w1
     assert isinstance(wq_b, FP8Linear) and isinstance(w1, FP4Linear)
     q, s = quantize_fp8_blocks(bf16.layers[1].attn.wq_b.weight.detach().to(torch.bfloat16))
-    assert _same_bytes(wq_b.weight, q) and _same_bytes(wq_b.scale, s)
+    assert same_bytes(wq_b.weight, q) and same_bytes(wq_b.scale, s)
     q, s = quantize_fp4_e2m1(bf16.layers[1].ffn.experts[0].w1.weight.detach().to(torch.bfloat16))
-    assert _same_bytes(w1.weight, q) and _same_bytes(w1.scale, s)
+    assert same_bytes(w1.weight, q) and same_bytes(w1.scale, s)
     model.save_pretrained(tmp_path / "fp8")
     saved = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert saved["quantization_config"]["quant_method"] == "fp8" and saved["expert_dtype"] == "fp4"
     again = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "fp8")
     mine, theirs = dict(model.named_parameters()), dict(again.named_parameters())
     assert mine.keys() == theirs.keys()
-    assert all(_same_bytes(mine[k], theirs[k]) for k in mine)
+    assert all(same_bytes(mine[k], theirs[k]) for k in mine)
 
 
 @pytest.fixture(autouse=True)
