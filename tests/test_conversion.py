@@ -396,10 +396,15 @@ _SLOW_CONVERT = textwrap.dedent("""
     import sys, time
     from transformers_deepseek.conversion import io
     write = io.ShardWriter.write
-    def slow(self, name, tensor):  # test-only: slow enough to be killed mid-file
-        time.sleep(0.01)
+    started = []
+    def parked(self, name, tensor):  # test-only: park for good one tensor into the second shard
         write(self, name, tensor)
-    io.ShardWriter.write = slow
+        if self.path not in started:
+            started.append(self.path)
+        if len(started) >= 2:
+            self._f.flush()
+            time.sleep(600)
+    io.ShardWriter.write = parked
     from transformers_deepseek.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -422,7 +427,7 @@ def test_sigkill_then_rerun_gives_identical_output(out, tmp_path):
     partial = None
     while time.time() < deadline and proc.poll() is None:
         found = list(tmp_path.glob("bf16.partial-*"))
-        if found and (found[0] / ".journal.json").is_file():
+        if found and (found[0] / ".journal.json").is_file() and list(found[0].glob("*.tmp")):
             journal = json.loads((found[0] / ".journal.json").read_text())
             if len(journal["files"]) >= 1:
                 partial = found[0]

@@ -45,7 +45,7 @@ from .numerics import (
 KV_FP8_BLOCK = 64
 INDEXER_FP4_BLOCK = 32
 ATTN_INDEX_BLOCK = 64  # sparse_attn walks the index list in blocks of 64 with an online softmax
-_QUERY_CHUNK_ELEMS = 1 << 26  # bound on gathered-KV elements materialised per attention / indexer chunk
+_QUERY_CHUNK_ELEMS = 1 << 22  # bound on gathered-KV elements materialised per attention / indexer chunk
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +154,11 @@ def dense_source(keys: torch.Tensor, indices: torch.Tensor) -> KeySource:
     bsz, n, dim = keys.shape
     flat = keys.reshape(-1, dim)
     base = (torch.arange(bsz, device=keys.device) * n).view(bsz, 1, 1)
-    return (lambda idx: flat[idx.clamp(min=0) + base]), indices
+
+    def gather(idx: torch.Tensor) -> torch.Tensor:  # row copies (index_select), not an element-wise index kernel
+        return flat.index_select(0, (idx.clamp(min=0) + base).flatten()).view(*idx.shape, dim)
+
+    return gather, indices
 
 
 def sparse_attention(
@@ -189,24 +193,54 @@ def sparse_attention(
         gathered[:, :, k_total:] = 0.0
         logits = torch.einsum("bshd,bskd->bshk", q[:, s0 : s0 + chunk].float(), gathered) * scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-        running_max = acc = denom = None
-        for k0 in range(0, valid.shape[-1], ATTN_INDEX_BLOCK):
-            block = logits[..., k0 : k0 + ATTN_INDEX_BLOCK]
-            values = gathered[:, :, k0 : k0 + ATTN_INDEX_BLOCK]
-            block_max = block.amax(-1)
-            new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
-            p = exp(block - new_max.unsqueeze(-1))
-            pv = torch.einsum("bshk,bskd->bshd", p.to(torch.bfloat16).float(), values)
-            if running_max is None:
-                acc, denom = pv, p.sum(-1)
-            else:
-                alpha = exp(running_max - new_max)
-                acc = acc * alpha.unsqueeze(-1) + pv
-                denom = denom * alpha + p.sum(-1)
-            running_max = new_max
+        softmax = _blockwise_softmax_pv if batch_invariant else _online_softmax_pv
+        acc, denom, running_max = softmax(logits, gathered, exp)
         denom = denom + exp(sink.float().view(1, 1, heads) - running_max)
         outs.append((acc / denom.unsqueeze(-1)).to(q.dtype))
     return torch.cat(outs, dim=1)
+
+
+def _online_softmax_pv(logits: torch.Tensor, values: torch.Tensor, exp: Callable) -> tuple[torch.Tensor, ...]:
+    """The kernel's online softmax, one 64-slot block after the other: ``(acc [B,s,H,D], denom, running max)``.
+
+    ``logits [B,s,H,K]`` fp32 (-inf = empty), ``values [B,s,K,D]`` fp32; the last block may be partial."""
+    running_max = acc = denom = None
+    for k0 in range(0, logits.shape[-1], ATTN_INDEX_BLOCK):
+        block = logits[..., k0 : k0 + ATTN_INDEX_BLOCK]
+        block_max = block.amax(-1)
+        new_max = block_max if running_max is None else torch.maximum(running_max, block_max)
+        p = exp(block - new_max.unsqueeze(-1))
+        pv = torch.einsum("bshk,bskd->bshd", p.to(torch.bfloat16).float(), values[:, :, k0 : k0 + ATTN_INDEX_BLOCK])
+        if running_max is None:
+            acc, denom = pv, p.sum(-1)
+        else:
+            alpha = exp(running_max - new_max)
+            acc = acc * alpha.unsqueeze(-1) + pv
+            denom = denom * alpha + p.sum(-1)
+        running_max = new_max
+    return acc, denom, running_max
+
+
+def _blockwise_softmax_pv(logits: torch.Tensor, values: torch.Tensor, exp: Callable) -> tuple[torch.Tensor, ...]:
+    """:func:`_online_softmax_pv` with every block's max, probabilities, row sums and P.V computed at once.
+
+    Only the rescale-and-add recurrence stays sequential. Same values as block by block (the running max is a
+    cumulative max; each block's P.V is its own [H,64]x[64,D] product in one batched GEMM), which needs
+    offset-independent ``exp`` and whole blocks: batch-invariant mode, where ``K`` is a multiple of 64."""
+    bsz, seqlen, heads, width = logits.shape
+    nb = width // ATTN_INDEX_BLOCK
+    blocks = logits.view(bsz, seqlen, heads, nb, ATTN_INDEX_BLOCK).transpose(2, 3)  # [B,s,nb,H,64]
+    running = blocks.amax(-1).cummax(2).values  # [B,s,nb,H]: the running max after each block
+    p = exp(blocks - running.unsqueeze(-1))
+    pv = torch.matmul(p.to(torch.bfloat16).float(), values.view(bsz, seqlen, nb, ATTN_INDEX_BLOCK, -1))
+    psum = p.sum(-1)
+    acc, denom = pv[:, :, 0], psum[:, :, 0]
+    if nb > 1:
+        alpha = exp(running[:, :, :-1] - running[:, :, 1:])
+        for b in range(1, nb):
+            acc = acc * alpha[:, :, b - 1].unsqueeze(-1) + pv[:, :, b]
+            denom = denom * alpha[:, :, b - 1] + psum[:, :, b]
+    return acc, denom, running[:, :, -1]
 
 
 @dataclass
