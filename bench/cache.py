@@ -7,11 +7,13 @@ directory in processes that never import our package. Every phase runs in its ow
 ``ru_maxrss`` of that phase), sequentially, with a wall-clock and an RSS limit; a phase that hits one is reported as
 "out of reach" with the limit.
 
-Phases: ``decode N`` (reach N tokens, then time ``--steps`` single-token steps, median) and ``prefill N`` (one
-prefill of N tokens: time, peak RSS, cache bytes). Ours prefills in chunks of ``--chunk`` tokens (same results as
-one prefill). For ours, decode contexts above ``--real-max`` start from a cache *sized* as at N tokens (a real
-1024-token prefill whose compressed entries are tiled up to N / ratio, lengths set to N): decode cost depends on the
-state's sizes, not its values, and this avoids an O(N) prefill per point. Native always prefills for real.
+Phases: ``decode`` (reach each N, then time ``--steps`` single-token steps per N, median; ours runs every N in
+one process with the steps of the different N interleaved, so outside load hits them alike; native, whose 16K state
+fills most of this box, runs one process per N) and ``prefill N`` (one prefill of N tokens: time, peak RSS, cache
+bytes). Ours prefills in chunks of ``--chunk`` tokens (same results as one prefill). For ours, decode contexts above
+``--real-max`` start from a cache *sized* as at N tokens (a real 1024-token prefill whose compressed entries are tiled
+up to N / ratio, lengths set to N): decode cost depends on the state's sizes, not its values, and this avoids an O(N)
+prefill per point. Native always prefills for real.
 
 Usage: ``python bench/cache.py [--decode 1024 16384 65536] [--prefill 16384] [--long 131072] [--timeout 600]``.
 Run in the transformers 5.23 venv (native ``deepseek_v4``); other venvs run ours only.
@@ -104,7 +106,10 @@ def _grow_to(cache, n: int) -> None:
     cache.columns = n
 
 
-def worker(impl: str, phase: str, n: int, ckpt: str, chunk: int, steps: int, real_max: int) -> dict:
+def worker(impl: str, phase: str, ns: list[int], ckpt: str, chunk: int, steps: int, real_max: int) -> list[dict]:
+    """One process: ``prefill`` one length, or ``decode`` at every length of ``ns`` with the timed steps of the
+    lengths interleaved (step at ns[0], step at ns[1], ..., repeat), so that load from outside hits every length
+    alike and their ratios hold on a noisy box."""
     import torch
 
     torch.manual_seed(0)
@@ -115,44 +120,55 @@ def worker(impl: str, phase: str, n: int, ckpt: str, chunk: int, steps: int, rea
         from transformers_deepseek.modeling.cache_deepseek_v4 import DeepseekV4Cache
 
         model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-        cache = DeepseekV4Cache(config=model.config)
-        nbytes = lambda: cache.nbytes  # noqa: E731
+        new_cache = lambda: DeepseekV4Cache(config=model.config)  # noqa: E731
+        nbytes = lambda cache: cache.nbytes  # noqa: E731
     else:
         from transformers import DynamicCache
         from transformers.models.deepseek_v4 import DeepseekV4ForCausalLM as Native
 
         model = Native.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
-        cache = DynamicCache(config=model.config)
-        nbytes = lambda: _native_nbytes(cache)  # noqa: E731
+        new_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+        nbytes = _native_nbytes
     assert ("transformers_deepseek" in sys.modules) == (impl == "ours")
-    ids = torch.randint(2, CONFIG["vocab_size"], (1, n + steps + 1), generator=torch.Generator().manual_seed(1))
-    out: dict = {"impl": impl, "phase": phase, "n": n, "model_rss": _peak_rss()}
+    longest = max(ns)
+    ids = torch.randint(2, CONFIG["vocab_size"], (1, longest + steps + 1), generator=torch.Generator().manual_seed(1))
+    model_rss = _peak_rss()
+    outs, caches = [], []
     with torch.inference_mode():
-        synth = impl == "ours" and phase == "decode" and n > real_max
-        reach = SEED_LEN if synth else n
-        t0 = time.perf_counter()
-        # Native prefills in one call (its cache is built for that); ours in chunks.
-        step = chunk if impl == "ours" else reach
-        for a in range(0, reach, step):
-            model(ids[:, a : min(a + step, reach)], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out["prefill_s"] = time.perf_counter() - t0
-        out["prefill_rss"] = _peak_rss()
-        if synth:
-            _grow_to(cache, n)
-            out["synthesized"] = True
-        out["cache_bytes"] = nbytes()
+        for n in ns:
+            out: dict = {"impl": impl, "phase": phase, "n": n, "model_rss": model_rss}
+            cache = new_cache()
+            synth = impl == "ours" and phase == "decode" and n > real_max
+            reach = SEED_LEN if synth else n
+            t0 = time.perf_counter()
+            # Native prefills in one call (its cache is built for that); ours in chunks.
+            step = chunk if impl == "ours" else reach
+            for a in range(0, reach, step):
+                model(ids[:, a : min(a + step, reach)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out["prefill_s"] = time.perf_counter() - t0
+            out["prefill_rss"] = _peak_rss()
+            if synth:
+                _grow_to(cache, n)
+                out["synthesized"] = True
+            out["cache_bytes"] = nbytes(cache)
+            outs.append(out)
+            caches.append(cache)
         if phase == "decode":
-            times = []
+            times: list[list[float]] = [[] for _ in ns]
             for i in range(steps):
-                tok = ids[:, n + i : n + i + 1]
-                t0 = time.perf_counter()
-                model(tok, past_key_values=cache, use_cache=True)
-                times.append(time.perf_counter() - t0)
-            out["step_s"] = sorted(times)[len(times) // 2]
-            out["step_min_s"] = min(times)  # less sensitive to other load on a shared box
-            out["steps_s"] = times
-    out["peak_rss"] = _peak_rss()
-    return out
+                for j, n in enumerate(ns):
+                    tok = ids[:, n + i : n + i + 1]
+                    t0 = time.perf_counter()
+                    model(tok, past_key_values=caches[j], use_cache=True)
+                    times[j].append(time.perf_counter() - t0)
+            for out, ts in zip(outs, times, strict=True):
+                out["step_s"] = sorted(ts)[len(ts) // 2]
+                out["step_min_s"] = min(ts)
+                out["steps_s"] = ts
+                out["interleaved_with"] = ns
+    for out in outs:
+        out["peak_rss"] = _peak_rss()
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,8 +185,8 @@ def _rss_of(pid: int) -> int:
     return 0
 
 
-def run_phase(args, impl: str, phase: str, n: int, ckpt: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, phase, str(n), str(ckpt),
+def run_phase(args, impl: str, phase: str, ns: list[int], ckpt: Path) -> list[dict]:
+    cmd = [sys.executable, __file__, "--worker", impl, phase, ",".join(map(str, ns)), str(ckpt),
            "--chunk", str(args.chunk), "--steps", str(args.steps), "--real-max", str(args.real_max)]  # fmt: skip
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.time()
@@ -195,14 +211,15 @@ def run_phase(args, impl: str, phase: str, n: int, ckpt: Path) -> dict:
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[7:])
-            res["wall_s"] = wall
+            for r in res:
+                r["wall_s"] = wall
             return res
     last = (stderr.strip().splitlines() or ["?"])[-1]
     alloc = re.search(r"allocate (\d+) bytes", last)
     why = (
         reason[0] if reason else f"alloc of {int(alloc[1]) / 2**30:.0f} GB failed" if alloc else f"failed: {last[:60]}"
     )
-    return {"impl": impl, "phase": phase, "n": n, "out_of_reach": why, "wall_s": wall}
+    return [{"impl": impl, "phase": phase, "n": n, "out_of_reach": why, "wall_s": wall} for n in ns]
 
 
 def build_checkpoint(out: Path) -> None:
@@ -271,17 +288,30 @@ def report(results: list[dict]) -> list[str]:
             rows.append((label.format(n=n) + synth, sa, sb, ratio))
     # Marginal bytes per token (slope between the shortest and longest reached contexts): the fixed-size part
     # (windows, compressor rows, crop history) drops out.
+    pts = {
+        impl: dict(sorted((r["n"], r["cache_bytes"]) for r in results if r["impl"] == impl and "cache_bytes" in r))
+        for impl in ("ours", "native")
+    }
+    # Over the same range for both when both have it (native usually stops at 16K).
+    common = sorted(set(pts["ours"]) & set(pts["native"]))
     slopes = {}
-    for impl in ("ours", "native"):
-        pts = sorted(
-            (r["n"], r["cache_bytes"]) for r in results if r["impl"] == impl and "cache_bytes" in r and r["n"] >= 1024
-        )
-        if len(pts) >= 2 and pts[-1][0] > pts[0][0]:
-            slopes[impl] = ((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), f"{pts[0][0]}-{pts[-1][0]}")
+    for impl, p in pts.items():
+        ns_ = [n for n in (common if len(common) >= 2 else sorted(p)) if n >= 1024]
+        if len(ns_) >= 2:
+            lo, hi = ns_[0], ns_[-1]
+            slopes[impl] = ((p[hi] - p[lo]) / (hi - lo), f"{lo}-{hi}")
     if slopes:
         (va, ra), (vb, rb) = slopes.get("ours", (None, "")), slopes.get("native", (None, ""))
         sa, sb = (f"{va:.0f} ({ra})" if va else "-"), (f"{vb:.0f} ({rb})" if vb else "-")
         rows.insert(0, ("cache bytes/token, marginal", sa, sb, f"{va / vb:.3f}x" if va and vb else "-"))
+    # Our decode step at each length against our own at the shortest, from the same interleaved run.
+    ours_dec = sorted((r["n"], r) for r in results if r["impl"] == "ours" and r["phase"] == "decode" and "step_s" in r)
+    for n, r in ours_dec[1:]:
+        base = ours_dec[0][1]
+        rows.append((
+            f"ours: step @ {n} / step @ {ours_dec[0][0]}",
+            f"{r['step_s'] / base['step_s']:.3f}x", f"min {r['step_min_s'] / base['step_min_s']:.3f}x", "-",
+        ))  # fmt: skip
     for label, sa, sb, ratio in rows:
         lines.append(f"{label:34s} {sa:>16s} {sb:>22s} {ratio:>12s}")
     return lines
@@ -294,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, nargs="*", default=[16384])
     parser.add_argument("--long", type=int, nargs="*", default=[131072], help="prefill lengths run for ours only")
     parser.add_argument("--chunk", type=int, default=4096, help="our prefill chunk")
-    parser.add_argument("--steps", type=int, default=5, help="decode steps timed (median)")
+    parser.add_argument("--steps", type=int, default=30, help="decode steps timed per length (median)")
     parser.add_argument(
         "--real-max", type=int, default=SEED_LEN, help="ours: longest decode context prefilled for real"
     )
@@ -310,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.worker:
-        impl, phase, n, ckpt = args.worker
-        res = worker(impl, phase, int(n), ckpt, args.chunk, args.steps, args.real_max)
+        impl, phase, ns, ckpt = args.worker
+        res = worker(impl, phase, [int(n) for n in ns.split(",")], ckpt, args.chunk, args.steps, args.real_max)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
@@ -321,19 +351,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tdseek-cache-bench-") as tmp:
         ckpt = Path(tmp) / "model"
         build_checkpoint(ckpt)
-        plan = [(impl, "decode", n) for n in args.decode for impl in ("ours", "native")]
-        plan += [(impl, "prefill", n) for n in args.prefill for impl in ("ours", "native")]
-        plan += [("ours", "prefill", n) for n in args.long]
+        # Ours decodes every length in one process, steps interleaved; native needs a process per length (its
+        # 16K state alone is most of this box).
+        plan = [("ours", "decode", args.decode)] if args.decode else []
+        plan += [("native", "decode", [n]) for n in args.decode]
+        plan += [(impl, "prefill", [n]) for n in args.prefill for impl in ("ours", "native")]
+        plan += [("ours", "prefill", [n]) for n in args.long]
         results = []
-        for impl, phase, n in plan:  # sequential: phases must not share the CPUs
+        for impl, phase, ns in plan:  # sequential: phases must not share the CPUs
             if impl == "native" and not has_native:
                 continue
-            res = run_phase(args, impl, phase, n, ckpt)
-            print(f"  {impl:6s} {phase:7s} {n:>7d}: " + ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
-                if k not in ("impl", "phase", "n", "steps_s")
-            ), flush=True)  # fmt: skip
-            results.append(res)
+            for res in run_phase(args, impl, phase, ns, ckpt):
+                print(f"  {impl:6s} {phase:7s} {res['n']:>7d}: " + ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+                    if k not in ("impl", "phase", "n", "steps_s", "interleaved_with")
+                ), flush=True)  # fmt: skip
+                results.append(res)
     print(f"\nconfig: {json.dumps(CONFIG)}")
     print("\n".join(report(results)))
     if args.json:

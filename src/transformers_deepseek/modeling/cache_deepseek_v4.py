@@ -50,10 +50,36 @@ def pack_kv(kv: torch.Tensor, rope_dim: int) -> Store:
     return {"q": q.flatten(-2), "s": _e8m0(scale.squeeze(-1)), "rope": kv[..., -rope_dim:].to(torch.bfloat16)}
 
 
-def unpack_kv(store: Store) -> torch.Tensor:
-    q = store["q"].view(torch.float8_e4m3fn).float().unflatten(-1, (-1, KV_BLOCK))
-    nope = (q * _from_e8m0(store["s"]).unsqueeze(-1)).flatten(-2)
-    return torch.cat([nope.to(torch.bfloat16), store["rope"]], dim=-1)
+def _e4m3_pairs() -> torch.Tensor:
+    """int64 ``[65536]``: for two e4m3 bytes read as a little-endian int16 ``i``, their two values as fp32, at
+    ``i + 32768``. A lookup decodes two values and is several times faster than CPU float8 conversion."""
+    b = torch.arange(-(1 << 15), 1 << 15) & 0xFFFF
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return torch.stack([e4m3[b & 0xFF], e4m3[b >> 8]], dim=-1).view(torch.int64).view(-1)
+
+
+_E4M3_PAIRS = _e4m3_pairs()  # 512 KiB
+
+
+def unpack_kv(store: Store, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed KV -> bf16 ``[..., D]``; with ``out`` (fp32, same shape) the values are written there instead (the
+    same values: e4m3 times a power of two, and bf16 rope, are exact in both)."""
+    codes = store["q"]
+    pairs = codes.reshape(-1).view(torch.int16).to(torch.int64).add_(1 << 15)
+    q = torch.gather(_E4M3_PAIRS.to(codes.device), 0, pairs).view(torch.float32)
+    q = q.view(*codes.shape[:-1], -1, KV_BLOCK)
+    scale = _from_e8m0(store["s"]).unsqueeze(-1)
+    if out is None:
+        nope = (q * scale).flatten(-2)
+        return torch.cat([nope.to(torch.bfloat16), store["rope"]], dim=-1)
+    rope_dim = store["rope"].shape[-1]
+    nope = out[..., :-rope_dim].unflatten(-1, (-1, KV_BLOCK))
+    if out.requires_grad:  # a buffer in an autograd graph (training forward with a cache) takes no out= ops
+        nope.copy_(q * scale)
+    else:
+        torch.mul(q, scale, out=nope)
+    out[..., -rope_dim:] = store["rope"]
+    return out
 
 
 def pack_index_keys(keys: torch.Tensor) -> Store:
@@ -71,8 +97,9 @@ _E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, 
 
 
 def _e2m1_quads() -> torch.Tensor:
-    """int64 ``[65536]``: for every pair of packed bytes (little-endian int16), its four e2m1 values as bf16."""
-    b = torch.arange(1 << 16)
+    """int64 ``[65536]``: for every pair of packed bytes read as a little-endian int16 ``i``, its four e2m1 values
+    as bf16, at ``i + 32768`` (so the signed int16 needs no masking)."""
+    b = torch.arange(-(1 << 15), 1 << 15) & 0xFFFF
     lo, hi = b & 0xFF, b >> 8
     quads = torch.stack([_E2M1[lo & 0xF], _E2M1[lo >> 4], _E2M1[hi & 0xF], _E2M1[hi >> 4]], dim=-1)
     return quads.to(torch.bfloat16).view(torch.int64).view(-1)
@@ -84,8 +111,10 @@ _E2M1_QUADS = _e2m1_quads()  # 512 KiB; one lookup decodes 4 values (decode read
 def unpack_index_keys(store: Store) -> torch.Tensor:
     """Packed e2m1 pairs + e8m0 scales -> bf16 keys ``[..., d]`` (exact: e2m1 times a power of two fits bf16)."""
     packed = store["q"]  # uint8 [..., d/2]
-    pairs = packed.view(torch.int16).to(torch.int32) & 0xFFFF  # [..., d/4] two bytes each
-    v = _E2M1_QUADS.to(packed.device)[pairs].view(torch.bfloat16).unflatten(-1, (-1, INDEX_BLOCK))
+    pairs = packed.view(torch.int16).to(torch.int64).add_(1 << 15)  # [..., d/4] two bytes each
+    # torch.gather: a plain table lookup, about twice as fast as advanced indexing here
+    quads = torch.gather(_E2M1_QUADS.to(packed.device), 0, pairs.view(-1)).view(pairs.shape)
+    v = quads.view(torch.bfloat16).unflatten(-1, (-1, INDEX_BLOCK))
     return (v * _from_e8m0(store["s"]).to(torch.bfloat16).unsqueeze(-1)).flatten(-2)
 
 
@@ -93,10 +122,11 @@ def _take(store: Store, index: torch.Tensor) -> Store:
     """Gather slots ``index [B, ...]`` (clamped to the buffer) from every tensor of a ``[B, T, ...]`` store."""
     out = {}
     for key, t in store.items():
-        idx = index.clamp(0, max(t.shape[1] - 1, 0))
-        flat = idx.reshape(idx.shape[0], -1)
-        g = torch.gather(t, 1, flat.view(*flat.shape, *([1] * (t.dim() - 2))).expand(*flat.shape, *t.shape[2:]))
-        out[key] = g.view(*idx.shape, *t.shape[2:])
+        bsz, slots = t.shape[:2]
+        idx = index.clamp(0, max(slots - 1, 0)).reshape(bsz, -1)
+        rows = (idx + (torch.arange(bsz, device=idx.device) * slots).unsqueeze(1)).view(-1)
+        # whole-slot row copies (index_select), several times faster than an element-wise gather
+        out[key] = t.reshape(bsz * slots, *t.shape[2:]).index_select(0, rows).view(*index.shape, *t.shape[2:])
     return out
 
 

@@ -146,7 +146,8 @@ def window_positions(positions: torch.Tensor, window: int, full_width: bool = Fa
     return torch.where((keys > positions.unsqueeze(-1)) | (positions.unsqueeze(-1) < 0), -1, keys)
 
 
-KeySource = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
+Fill = Callable[[torch.Tensor, torch.Tensor], None]  # (indices [B, s, k], out fp32 [B, s, k, D]) -> keys into out
+KeySource = tuple[Fill, torch.Tensor]
 
 
 def dense_source(keys: torch.Tensor, indices: torch.Tensor) -> KeySource:
@@ -155,10 +156,10 @@ def dense_source(keys: torch.Tensor, indices: torch.Tensor) -> KeySource:
     flat = keys.reshape(-1, dim)
     base = (torch.arange(bsz, device=keys.device) * n).view(bsz, 1, 1)
 
-    def gather(idx: torch.Tensor) -> torch.Tensor:  # row copies (index_select), not an element-wise index kernel
-        return flat.index_select(0, (idx.clamp(min=0) + base).flatten()).view(*idx.shape, dim)
+    def fill(idx: torch.Tensor, out: torch.Tensor) -> None:  # row copies (index_select), not an element-wise index
+        out.copy_(flat.index_select(0, (idx.clamp(min=0) + base).flatten()).view(*idx.shape, dim))
 
-    return gather, indices
+    return fill, indices
 
 
 def sparse_attention(
@@ -166,12 +167,12 @@ def sparse_attention(
 ) -> torch.Tensor:
     """The official ``sparse_attn`` (SPEC §6) as a gather over index lists.
 
-    q ``[B,S,H,D]`` bf16; ``sources`` are ``(gather, indices [B,S,k])`` pairs whose gathered keys (K = V, bf16
-    ``[B,s,k,D]``) are concatenated in order (window first, then compressed entries, as the official index list);
-    ``-1`` marks an empty slot. Logits in fp32; an online softmax over blocks of 64 indices whose probabilities are
-    rounded to bf16 for P.V (fp32 accumulation) while the denominator keeps fp32 P; the sink ``[H]`` joins the
-    denominator only. Output bf16. ``batch_invariant``: every block is a full 64 slots, empty ones masked, as in the
-    kernel, so that a query's blocks are the same whatever the other queries of the call need.
+    q ``[B,S,H,D]`` bf16; ``sources`` are ``(fill, indices [B,S,k])`` pairs whose gathered keys (K = V, bf16
+    values, ``[B,s,k,D]``) are concatenated in order (window first, then compressed entries, as the official index
+    list); ``-1`` marks an empty slot. Logits in fp32; an online softmax over blocks of 64 indices whose
+    probabilities are rounded to bf16 for P.V (fp32 accumulation) while the denominator keeps fp32 P; the sink
+    ``[H]`` joins the denominator only. Output bf16. ``batch_invariant``: every block is a full 64 slots, empty ones
+    masked, as in the kernel, so that a query's blocks are the same whatever the other queries of the call need.
     """
     exp = lambda t: pointwise(torch.exp, t, batch_invariant)  # noqa: E731
     bsz, seqlen, heads, dim = q.shape
@@ -185,9 +186,9 @@ def sparse_attention(
         gathered = q.new_empty(bsz, s1 - s0, width, dim, dtype=torch.float32)  # [B, s, K, D]
         valid = torch.zeros(bsz, s1 - s0, width, dtype=torch.bool, device=q.device)
         k0 = 0
-        for gather, idx in sources:
+        for fill, idx in sources:
             part = idx[:, s0:s1]
-            gathered[:, :, k0 : k0 + part.shape[-1]] = gather(part)
+            fill(part, gathered[:, :, k0 : k0 + part.shape[-1]])
             valid[:, :, k0 : k0 + part.shape[-1]] = part >= 0
             k0 += part.shape[-1]
         gathered[:, :, k_total:] = 0.0
@@ -339,9 +340,11 @@ def _entries(
     cache: DeepseekV4CacheLayer | None,
     name: str,
     pack: Callable[[torch.Tensor], Store],
-    unpack: Callable[[Store], torch.Tensor],
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Store this chunk's new entries (with a cache) and return a gather over every entry of the sequence."""
+    unpack: Callable[..., torch.Tensor],
+) -> Fill:
+    """Store this chunk's new entries (with a cache) and return a gather over every entry of the sequence.
+
+    ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given)."""
     if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
     cache.write_entries(name, pack(new), first, count)
@@ -350,17 +353,18 @@ def _entries(
     store = cache.entries[name]
     dense: torch.Tensor | None = None
 
-    def gather(idx: torch.Tensor) -> torch.Tensor:
+    def fill(idx: torch.Tensor, out: torch.Tensor) -> None:
         nonlocal dense
         # A query chunk that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry
         # once instead of each gathered copy; decoding is elementwise, so the values are identical either way.
         if dense is None and idx[0].numel() >= store["q"].shape[1]:
             dense = unpack(store)
         if dense is not None:
-            return dense_source(dense, idx)[0](idx)
-        return unpack(cache.read_entries(name, idx))
+            dense_source(dense, idx)[0](idx, out)
+        else:
+            unpack(cache.read_entries(name, idx), out=out)
 
-    return gather
+    return fill
 
 
 class DeepseekV4Indexer(nn.Module):
@@ -402,7 +406,7 @@ class DeepseekV4Indexer(nn.Module):
             keys = new
         else:
             cache.write_entries("index", pack_index_keys(new), first, count)
-            keys = unpack_index_keys(cache.entries["index"])[:, :n] if n else new
+            keys = unpack_index_keys({k: v[:, :n] for k, v in cache.entries["index"].items()}) if n else new
         return self.select(x, self.queries(qr, cis), keys, chunk.positions, n)
 
     def select(
