@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import require_fixture
+from helpers import read_tensors, require_fixture, same_bytes
 from publishing_helpers import TOKEN, loopback_hub  # noqa: F401  (the `hub` fixture)
 from transformers_deepseek.cli import main as cli
 from transformers_deepseek.publishing import list_upload_files, validate_checkpoint
@@ -170,3 +170,43 @@ def test_valid_checkpoint_report(ckpt):
         p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != "README.md"
     )
     assert not os.environ.get("HF_ENDPOINT", "").startswith("http://127.0.0.1")  # the fixture did not leak
+
+
+def test_model_push_to_hub_uploads_the_released_layout_with_our_card(ckpt, hub, tmp_path, monkeypatch):
+    """``model.push_to_hub`` (the transformers API) goes through the package's publisher: the saved checkpoint is
+    validated, its tensors are the released ones (same names, dtypes and bytes as the checkpoint it was loaded
+    from) and the repo gets the generated card; a card already in the repo is kept on the next push."""
+    import huggingface_hub.constants as constants
+    from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+    from transformers import AutoModelForCausalLM
+
+    # The default endpoint, as $HF_ENDPOINT set before the import would make it.
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    result = model.push_to_hub("me/from-model", token=TOKEN, tags=["my-tag"], commit_message="first push")
+    assert result.commit_oid and hub.validated
+    files = hub.files("me/from-model")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    (tmp_path / "pushed").mkdir()
+    (tmp_path / "pushed" / "model.safetensors").write_bytes(files["model.safetensors"].data)
+    pushed = read_tensors(tmp_path / "pushed")
+    released = read_tensors(ckpt)
+    assert sorted(pushed) == sorted(released)
+    assert all(same_bytes(pushed[k], released[k]) for k in released)
+    card = files["README.md"].data.decode()
+    assert card.startswith("---\n") and "my-tag" in card and "me/from-model" in card
+    assert "transformers_deepseek" in card  # our usage snippet, not transformers' placeholder card
+    assert "has been automatically generated" not in card
+
+    # A card edited on the Hub survives the next push (as with transformers' push_to_hub).
+    HfApi(endpoint=hub.url, token=TOKEN).create_commit(
+        "me/from-model", [CommitOperationAdd("README.md", b"# my own card\n")], commit_message="edit card"
+    )
+    model.push_to_hub("me/from-model", token=TOKEN)
+    assert hub.files("me/from-model")["README.md"].data == b"# my own card\n"
+    local = Path(snapshot_download("me/from-model", endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "dl"))
+    ids = torch.randint(0, 1024, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(local).eval()(ids).logits
+        assert torch.equal(model.eval()(ids).logits, reloaded)

@@ -52,11 +52,13 @@ def register(override_native: bool = True) -> bool:
 
 
 def _extension_hooks() -> list:
-    """Registration functions of the optional subpackages (tokenizer, quantizer), in a fixed order."""
+    """Registration functions of the optional subpackages (tokenizer, quantizer, Hub publisher), in a fixed
+    order."""
+    from .publishing import register_publishing
     from .quantization import register_quantization
     from .tokenization import register_tokenizer
 
-    return [register_tokenizer, register_quantization]
+    return [register_tokenizer, register_quantization, register_publishing]
 
 
 register(override_native=os.environ.get("TDSEEK_NO_OVERRIDE", "") not in ("1", "true", "yes"))

@@ -398,20 +398,24 @@ def push_checkpoint(
     license: str = LICENSE_DEFAULT,
     tags: Sequence[str] = (),
     commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    card: bool = True,
     dry_run: bool = False,
     push_command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> PushResult:
     """Validate ``checkpoint`` (:func:`validate_checkpoint`; nothing is uploaded if it fails), render its card, then
     create ``repo_id`` (``exist_ok``) and upload every file + README.md in one commit to ``revision`` (a branch,
-    created from the default branch if missing). ``endpoint=None`` uses ``$HF_ENDPOINT`` / the Hub."""
+    created from the default branch if missing), or to a pull request with ``create_pr``. ``card=False`` uploads
+    no README.md (the repo keeps its own). ``endpoint=None`` uses ``$HF_ENDPOINT`` / the Hub."""
     report = validate_checkpoint(checkpoint)
-    card = render_model_card(
+    card_text = render_model_card(
         report, repo_id, base_model=base_model, base_model_relation=base_model_relation, license=license,
         tags=tags, revision=revision, push_command=push_command,
     )  # fmt: skip
-    validate_model_card(card)
-    files = [*report.files, ("README.md", len(card.encode()))]
+    validate_model_card(card_text)
+    files = [*report.files, *([("README.md", len(card_text.encode()))] if card else [])]
     files.sort()
     width = max(len(p) for p, _ in files)
     log(
@@ -424,7 +428,7 @@ def push_checkpoint(
         note = "  (generated model card)" if path == "README.md" else ""
         log(f"  {path:<{width}}  {size:>14,d} B  {human_size(size):>9}{note}")
     log(f"  total {sum(s for _, s in files):,d} B ({human_size(sum(s for _, s in files))})")
-    result = PushResult(repo_id, files, card, dry_run=dry_run)
+    result = PushResult(repo_id, files, card_text, dry_run=dry_run)
     if dry_run:
         return result
 
@@ -437,16 +441,68 @@ def push_checkpoint(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     root = report.root
     operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(root / p)) for p, _ in report.files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    if card:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
     info = api.create_commit(
         repo_id,
         operations,
         commit_message=commit_message or "Upload DeepSeek-V4 checkpoint with transformers-deepseek",
+        commit_description=commit_description,
         revision=revision,
+        create_pr=create_pr,
     )
     result.commit_url, result.commit_oid = info.commit_url, info.oid
     log(f"pushed: {info.commit_url}")
     return result
+
+
+def push_model(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PushResult:
+    """``model.push_to_hub(repo_id, ...)`` of a DeepSeek-V4 model (installed as its ``push_to_hub`` by
+    :func:`register_publishing`; same keyword arguments as transformers').
+
+    ``save_pretrained`` into a temporary directory (the released layout), then :func:`push_checkpoint`: the
+    checkpoint is validated before anything is sent, and the repo gets this package's model card unless it already
+    has a README.md, which is kept (as transformers keeps an existing card). Endpoint: ``$HF_ENDPOINT`` / the Hub.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    api = HfApi(token=token)
+    try:  # False for a repo that does not exist (yet); other errors (network, auth) propagate
+        has_card = api.file_exists(repo_id, "README.md", revision=revision)
+    except RevisionNotFoundError:  # a branch push_checkpoint creates from the default branch: it gets our card
+        has_card = False
+    all_tags = [*(getattr(model, "model_tags", None) or []), *(tags or [])]
+    with tempfile.TemporaryDirectory(prefix="tdseek-push-") as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        return push_checkpoint(
+            tmp, repo_id, private=bool(private), revision=revision, token=token, endpoint=api.endpoint,
+            tags=list(dict.fromkeys(all_tags)), commit_message=commit_message or "Upload model",
+            commit_description=commit_description, create_pr=create_pr, card=not has_card,
+            log=log or (lambda _: None),
+        )  # fmt: skip
+
+
+def register_publishing(config_class=None) -> None:
+    """Make ``push_to_hub`` of our models go through :func:`push_model` (called by ``transformers_deepseek``)."""
+    from .modeling import DeepseekV4PreTrainedModel
+
+    DeepseekV4PreTrainedModel.hub_publisher = staticmethod(push_model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -499,6 +555,8 @@ __all__ = [
     "extract_snippet",
     "list_upload_files",
     "push_checkpoint",
+    "push_model",
+    "register_publishing",
     "render_model_card",
     "validate_checkpoint",
     "validate_model_card",

@@ -864,6 +864,16 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
             state_dict = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in self.state_dict().items()}
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
+    # ``push_to_hub`` through the package's publisher (validated checkpoint, generated model card). Installed by
+    # transformers_deepseek.register(); without it, transformers' own push_to_hub runs.
+    hub_publisher: Callable[..., object] | None = None
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):  # type: ignore[override]
+        publisher = type(self).hub_publisher
+        if publisher is None or args:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        return publisher(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):  # type: ignore[override]
         """``PreTrainedModel.from_pretrained`` that refuses incomplete checkpoints.
