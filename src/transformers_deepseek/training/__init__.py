@@ -5,6 +5,7 @@ Needs ``peft`` (``pip install transformers-deepseek[train]``)."""
 
 from .balancing import ExpertBalancingCallback
 from .data import IGNORE_INDEX, DataCollatorForChat, assistant_spans, prepare_chat_example
+from .fsdp import shard_model
 from .lora import (
     ATTENTION_TARGET_MODULES,
     DEFAULT_TARGET_MODULES,
@@ -30,4 +31,5 @@ __all__ = [
     "lora_config",
     "prepare_chat_example",
     "register_lora_layers",
+    "shard_model",
 ]
