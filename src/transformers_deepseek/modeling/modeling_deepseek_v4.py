@@ -341,10 +341,12 @@ def _entries(
     name: str,
     pack: Callable[[torch.Tensor], Store],
     unpack: Callable[..., torch.Tensor],
+    gathers: int,
 ) -> Fill:
     """Store this chunk's new entries (with a cache) and return a gather over every entry of the sequence.
 
-    ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given)."""
+    ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given); ``gathers`` is how many entries the
+    whole call will gather (queries x index list width, every row)."""
     if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
     cache.write_entries(name, pack(new), first, count)
@@ -355,9 +357,10 @@ def _entries(
 
     def fill(idx: torch.Tensor, out: torch.Tensor) -> None:
         nonlocal dense
-        # A query chunk that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry
-        # once instead of each gathered copy; decoding is elementwise, so the values are identical either way.
-        if dense is None and idx[0].numel() >= store["q"].shape[1]:
+        # A call that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry once,
+        # for all its query chunks, instead of each gathered copy; decoding is elementwise, so the values are
+        # identical either way.
+        if dense is None and gathers >= store["q"].shape[0] * store["q"].shape[1]:
             dense = unpack(store)
         if dense is not None:
             dense_source(dense, idx)[0](idx, out)
@@ -521,7 +524,6 @@ class DeepseekV4Attention(nn.Module):
 
         if self.ratio:
             new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv")
-            gather = _entries(new, first, count, cache, "kv", lambda t: pack_kv(t, rd), unpack_kv)
             if self.indexer is not None:
                 picked = self.indexer(x, qr, chunk, cis, inv_freq, cache)
             else:
@@ -529,6 +531,8 @@ class DeepseekV4Attention(nn.Module):
                 visible = (positions + 1) // self.ratio
                 picked = torch.arange(n, device=x.device).expand(bsz, seqlen, n)
                 picked = torch.where(picked >= visible.unsqueeze(-1), -1, picked)
+            pack = lambda t: pack_kv(t, rd)  # noqa: E731
+            gather = _entries(new, first, count, cache, "kv", pack, unpack_kv, picked.numel())
             sources.append((gather, picked))
         o = sparse_attention(q, self.attn_sink, self.scale, sources, self.batch_invariant)
         o = torch.cat([o[..., :-rd], apply_rope(o[..., -rd:], cis, inverse=True)], dim=-1)
