@@ -333,6 +333,20 @@ class DeepseekV4Compressor(nn.Module):
         return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), rope], dim=-1)
 
 
+def _unpack_in_slices(unpack: Callable[..., torch.Tensor], store: Store, slots: int = 4096) -> torch.Tensor:
+    """``unpack(store)``, ``slots`` entries at a time into one output: the decoding temporaries (int64 codes, fp32
+    values) stay a few MB however many entries a long context has stored."""
+    n = store["q"].shape[1]
+    first = unpack({k: v[:, :slots] for k, v in store.items()})
+    if n <= slots:
+        return first
+    out = first.new_empty(first.shape[0], n, *first.shape[2:])
+    out[:, :slots] = first
+    for i in range(slots, n, slots):
+        out[:, i : i + slots] = unpack({k: v[:, i : i + slots] for k, v in store.items()})
+    return out
+
+
 def _entries(
     new: torch.Tensor,
     first: torch.Tensor,
@@ -361,7 +375,7 @@ def _entries(
         # for all its query chunks, instead of each gathered copy; decoding is elementwise, so the values are
         # identical either way.
         if dense is None and gathers >= store["q"].shape[0] * store["q"].shape[1]:
-            dense = unpack(store)
+            dense = _unpack_in_slices(unpack, store)
         if dense is not None:
             dense_source(dense, idx)[0](idx, out)
         else:
