@@ -333,20 +333,6 @@ class DeepseekV4Compressor(nn.Module):
         return torch.cat([fp8_simulate(kv[..., :-rd], KV_FP8_BLOCK), rope], dim=-1)
 
 
-def _unpack_in_slices(unpack: Callable[..., torch.Tensor], store: Store, slots: int = 4096) -> torch.Tensor:
-    """``unpack(store)``, ``slots`` entries at a time into one output: the decoding temporaries (int64 codes, fp32
-    values) stay a few MB however many entries a long context has stored."""
-    n = store["q"].shape[1]
-    first = unpack({k: v[:, :slots] for k, v in store.items()})
-    if n <= slots:
-        return first
-    out = first.new_empty(first.shape[0], n, *first.shape[2:])
-    out[:, :slots] = first
-    for i in range(slots, n, slots):
-        out[:, i : i + slots] = unpack({k: v[:, i : i + slots] for k, v in store.items()})
-    return out
-
-
 def _entries(
     new: torch.Tensor,
     first: torch.Tensor,
@@ -355,12 +341,10 @@ def _entries(
     name: str,
     pack: Callable[[torch.Tensor], Store],
     unpack: Callable[..., torch.Tensor],
-    gathers: int,
 ) -> Fill:
     """Store this chunk's new entries (with a cache) and return a gather over every entry of the sequence.
 
-    ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given); ``gathers`` is how many entries the
-    whole call will gather (queries x index list width, every row)."""
+    ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given)."""
     if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
     cache.write_entries(name, pack(new), first, count)
@@ -371,11 +355,10 @@ def _entries(
 
     def fill(idx: torch.Tensor, out: torch.Tensor) -> None:
         nonlocal dense
-        # A call that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry once,
-        # for all its query chunks, instead of each gathered copy; decoding is elementwise, so the values are
-        # identical either way.
-        if dense is None and gathers >= store["q"].shape[0] * store["q"].shape[1]:
-            dense = _unpack_in_slices(unpack, store)
+        # A query chunk that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry
+        # once instead of each gathered copy; decoding is elementwise, so the values are identical either way.
+        if dense is None and idx[0].numel() >= store["q"].shape[1]:
+            dense = unpack(store)
         if dense is not None:
             dense_source(dense, idx)[0](idx, out)
         else:
@@ -538,6 +521,7 @@ class DeepseekV4Attention(nn.Module):
 
         if self.ratio:
             new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv")
+            gather = _entries(new, first, count, cache, "kv", lambda t: pack_kv(t, rd), unpack_kv)
             if self.indexer is not None:
                 picked = self.indexer(x, qr, chunk, cis, inv_freq, cache)
             else:
@@ -545,8 +529,6 @@ class DeepseekV4Attention(nn.Module):
                 visible = (positions + 1) // self.ratio
                 picked = torch.arange(n, device=x.device).expand(bsz, seqlen, n)
                 picked = torch.where(picked >= visible.unsqueeze(-1), -1, picked)
-            pack = lambda t: pack_kv(t, rd)  # noqa: E731
-            gather = _entries(new, first, count, cache, "kv", pack, unpack_kv, picked.numel())
             sources.append((gather, picked))
         o = sparse_attention(q, self.attn_sink, self.scale, sources, self.batch_invariant)
         o = torch.cat([o[..., :-rd], apply_rope(o[..., -rd:], cis, inverse=True)], dim=-1)
