@@ -178,9 +178,9 @@ def sparse_attention(
     bsz, seqlen, heads, dim = q.shape
     k_total = sum(idx.shape[-1] for _, idx in sources)
     chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * k_total * dim))
+    width = k_total + (-k_total % ATTN_INDEX_BLOCK if batch_invariant else 0)
     outs = []
     for s0 in range(0, seqlen, chunk):
-        width = k_total + (-k_total % ATTN_INDEX_BLOCK if batch_invariant else 0)
         s1 = min(seqlen, s0 + chunk)
         # One fp32 buffer filled source by source (a single upcasting copy); empty slots are zero keys, masked.
         gathered = q.new_empty(bsz, s1 - s0, width, dim, dtype=torch.float32)  # [B, s, K, D]
@@ -351,16 +351,16 @@ def _entries(
     if name not in cache.entries:  # no entry complete yet: every index list is empty
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
     store = cache.entries[name]
-    dense: torch.Tensor | None = None
+    dense_fill: Fill | None = None
 
     def fill(idx: torch.Tensor, out: torch.Tensor) -> None:
-        nonlocal dense
+        nonlocal dense_fill
         # A query chunk that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry
         # once instead of each gathered copy; decoding is elementwise, so the values are identical either way.
-        if dense is None and idx[0].numel() >= store["q"].shape[1]:
-            dense = unpack(store)
-        if dense is not None:
-            dense_source(dense, idx)[0](idx, out)
+        if dense_fill is None and idx[0].numel() >= store["q"].shape[1]:
+            dense_fill = dense_source(unpack(store), idx)[0]
+        if dense_fill is not None:
+            dense_fill(idx, out)
         else:
             unpack(cache.read_entries(name, idx), out=out)
 
