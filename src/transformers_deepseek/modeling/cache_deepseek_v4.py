@@ -138,12 +138,19 @@ class ChunkView:
 
     The combined sequence ``cat(buffer, chunk)`` has ``prev + S`` slots; :meth:`slot` maps absolute positions to
     slots of it (``-1`` where the position is not there), whatever the padding of the chunk.
+
+    ``dense`` (no padding in the chunk, so row ``b`` holds positions ``old_len[b] + s``) makes the map plain
+    arithmetic, slot = position - (old_len - prev), with no lookup table (every decode step of every layer).
     """
 
-    def __init__(self, positions: torch.Tensor, old_len: torch.Tensor, prev: int) -> None:
+    def __init__(self, positions: torch.Tensor, old_len: torch.Tensor, prev: int, dense: bool | None = None) -> None:
         bsz, seqlen = positions.shape
-        self.prev = prev
+        self.prev, self.seqlen = prev, seqlen
         self.base = old_len - prev  # [B]: position of combined slot 0
+        self.dense = bool((positions >= 0).all()) if dense is None else dense
+        self.inv: torch.Tensor | None = None
+        if self.dense:
+            return
         inv = torch.full((bsz, prev + seqlen), -1, dtype=torch.long, device=positions.device)
         inv[:, :prev] = torch.arange(prev, device=positions.device)
         valid = positions >= 0
@@ -156,13 +163,19 @@ class ChunkView:
     def slot(self, pos: torch.Tensor) -> torch.Tensor:
         """Combined-sequence slot of absolute positions ``pos [B, ...]`` (``-1`` if negative or absent)."""
         rel = pos - self.base.view(-1, *([1] * (pos.dim() - 1)))
-        ok = (pos >= 0) & (rel >= 0) & (rel < self.inv.shape[1])
-        flat = rel.clamp(0, self.inv.shape[1] - 1).reshape(pos.shape[0], -1)
+        total = self.prev + self.seqlen
+        ok = (pos >= 0) & (rel >= 0) & (rel < total)
+        if self.inv is None:
+            return rel.masked_fill_(~ok, -1)
+        flat = rel.clamp(0, total - 1).reshape(pos.shape[0], -1)
         found = torch.gather(self.inv, 1, flat).view(pos.shape)
         return torch.where(ok, found, -1)
 
     def keep_last(self, combined: Store, new_len: torch.Tensor, keep: int) -> Store:
         """The right-aligned buffer of the last ``keep`` positions of each row, from the combined sequence."""
+        total = self.prev + self.seqlen
+        if self.dense and keep <= total:  # the last `keep` slots (a short row's oldest ones are invalid either way)
+            return {k: v[:, total - keep :].clone() for k, v in combined.items()}
         pos = new_len.unsqueeze(1) - keep + torch.arange(keep, device=new_len.device)
         return _take(combined, self.slot(pos))
 

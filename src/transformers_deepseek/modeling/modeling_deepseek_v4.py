@@ -119,9 +119,14 @@ def sinkhorn_split(
     comb = pointwise(torch.exp, comb - comb.amax(-1, keepdim=True), batch_invariant)
     comb = comb / comb.sum(-1, keepdim=True) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    if comb.requires_grad:
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    else:  # the same divisions in place: a decode step runs this loop 2 * iters times per layer on 16 values
+        for _ in range(iters - 1):
+            comb.div_(comb.sum(-1, keepdim=True).add_(eps))
+            comb.div_(comb.sum(-2, keepdim=True).add_(eps))
     return pre, post, comb
 
 
@@ -251,6 +256,11 @@ class ChunkState:
     positions: torch.Tensor  # [B, S] absolute positions, -1 at padding
     old_len: torch.Tensor  # [B] tokens before the chunk
     new_len: torch.Tensor  # [B] tokens after the chunk
+    dense: bool | None = None  # no padding in the chunk (worked out from `positions` when not given)
+
+    def __post_init__(self) -> None:
+        if self.dense is None:
+            self.dense = bool((self.positions >= 0).all())
 
     @classmethod
     def prefill(cls, positions: torch.Tensor) -> ChunkState:
@@ -299,7 +309,7 @@ class DeepseekV4Compressor(nn.Module):
         }
         tail = cache.tail(name) if cache is not None else None
         prev = 0 if tail is None else tail["kv"].shape[1]
-        view = ChunkView(chunk.positions, chunk.old_len, prev)
+        view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
         combined = rows if tail is None else {k: torch.cat([tail[k], rows[k]], dim=1) for k in rows}
         first, count = chunk.old_len // ratio, chunk.new_len // ratio - chunk.old_len // ratio
         nb = int(count.max())
@@ -474,13 +484,20 @@ class DeepseekV4Attention(nn.Module):
             self.compressor = None
             self.indexer = None
         # Compressed layers: compress_rope_theta with YaRN; sliding-window layers: rope_theta, no YaRN (SPEC §4).
-        # Recomputed per call (rd/2 values) rather than held in a buffer that meta-device loading leaves empty.
+        # Computed on first use per device (rd/2 values), not held in a buffer that meta-device loading leaves empty.
         self.rope_base = config.compress_rope_theta if self.ratio else config.rope_theta
         self.yarn = config.yarn if self.ratio else None
 
     @property
     def inv_freq(self) -> torch.Tensor:
-        return yarn_inv_freq(self.rope_dim, self.rope_base, self.yarn).to(self.attn_sink.device)
+        device = self.attn_sink.device
+        cached = self.__dict__.get("_inv_freq")
+        if cached is None or cached.device != device:
+            with torch.inference_mode(False):  # usable by later training forwards too
+                cached = self.__dict__["_inv_freq"] = yarn_inv_freq(self.rope_dim, self.rope_base, self.yarn).to(
+                    device
+                )
+        return cached
 
     def window_kv(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
         """Per-position KV ``[B,S,head_dim]``: kv_norm(wkv(x)), RoPE on the last dims, FP8 round trip of the
@@ -505,19 +522,30 @@ class DeepseekV4Attention(nn.Module):
 
         # Window keys: the cached window of earlier chunks, then this chunk's KV.
         kv = self.window_kv(x, cis)
+        # Only the newest `window - 1` cached positions can be in a window of this chunk (the buffer keeps more, for
+        # crop): decode just those; a suffix of a right-aligned buffer is a right-aligned buffer.
         prev = cache.window_len() if cache is not None else 0
-        local = kv if prev == 0 else torch.cat([unpack_kv(cache.window), kv], dim=1)
-        view = ChunkView(positions, chunk.old_len, prev)
+        used = min(prev, self.window - 1)
+        local = (
+            kv
+            if used == 0
+            else torch.cat([unpack_kv({k: v[:, prev - used :] for k, v in cache.window.items()}), kv], 1)
+        )
+        view = ChunkView(positions, chunk.old_len, used, chunk.dense)
         win_idx = view.slot(window_positions(positions, self.window, self.batch_invariant))  # [B, S, w]
         # A padding query attends to its own slot only (its output is discarded; this keeps the softmax finite).
-        own = prev + torch.arange(seqlen, device=x.device)
-        win_idx[..., 0] = torch.where(positions < 0, own, win_idx[..., 0])
+        if not chunk.dense:
+            own = used + torch.arange(seqlen, device=x.device)
+            win_idx[..., 0] = torch.where(positions < 0, own, win_idx[..., 0])
         sources = [dense_source(local, win_idx)]
         if cache is not None:
             packed = pack_kv(kv, rd) if prev == 0 else {
                 k: torch.cat([cache.window[k], v], dim=1) for k, v in pack_kv(kv, rd).items()
             }  # fmt: skip
-            cache.set_window(view.keep_last(packed, chunk.new_len, min(cache.window_cap, prev + seqlen)))
+            keep = min(cache.window_cap, prev + seqlen)
+            cache.set_window(
+                ChunkView(positions, chunk.old_len, prev, chunk.dense).keep_last(packed, chunk.new_len, keep)
+            )
 
         if self.ratio:
             new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv")

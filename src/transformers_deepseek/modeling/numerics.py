@@ -9,6 +9,7 @@ the dtype round trips of the official ``inplace=True`` kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,11 +21,13 @@ FP4_AMAX_FLOOR = 6.0 * 2.0**-126  # SPEC §6: fp4_act_quant clamps amax from bel
 
 
 def ceil_pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """ue8m0 scale ``2^ceil(log2(amax * fp32(1/qmax)))`` computed on the fp32 bit pattern (exact, SPEC §5.9)."""
-    a = amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32)
-    bits = a.view(torch.int32)
-    exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return ((exponent + 127) << 23).view(torch.float32)
+    """ue8m0 scale ``2^ceil(log2(amax * fp32(1/qmax)))`` computed on the fp32 bit pattern (exact, SPEC §5.9).
+
+    For a positive finite ``a``, adding ``2^23 - 1`` to its bits carries into the exponent exactly when the mantissa
+    is non-zero; masking the mantissa off then leaves the next power of two at or above ``a``.
+    """
+    a = amax.float() * (1.0 / qmax)  # a Python float: multiplied as fp32(1/qmax), as the kernel does
+    return (a.view(torch.int32) + 0x7FFFFF).bitwise_and_(0x7F800000).view(torch.float32)
 
 
 def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -87,14 +90,20 @@ def quantize_activation_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Te
     return q.flatten(-2), scale.squeeze(-1)
 
 
-def sylvester_hadamard(n: int, device: torch.device | None = None) -> torch.Tensor:
-    """Sylvester-ordered Hadamard matrix ``H_n`` (entries +-1), ``n`` a power of two."""
-    if n <= 0 or n & (n - 1):
-        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int, device: torch.device) -> torch.Tensor:
     h = torch.ones(1, 1, device=device)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
+
+
+def sylvester_hadamard(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """Sylvester-ordered Hadamard matrix ``H_n`` (entries +-1), ``n`` a power of two. Built once per size and
+    device (a decode step rotates the indexer's queries and keys in every ratio-4 layer); do not modify it."""
+    if n <= 0 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    return _hadamard(n, torch.device(device if device is not None else "cpu"))
 
 
 def hadamard_rotate(x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
@@ -102,7 +111,7 @@ def hadamard_rotate(x: torch.Tensor, batch_invariant: bool = True) -> torch.Tens
     d = x.shape[-1]
     h = sylvester_hadamard(d, x.device)
     flat = x.float().reshape(-1, d)
-    rotated = _rows_at_least(lambda m: torch.matmul(m, h), flat, _GEMM_MIN_ROWS if batch_invariant else 0)
+    rotated = _gemm_rows(lambda m: torch.matmul(m, h), flat) if batch_invariant else torch.matmul(flat, h)
     return (rotated * (d**-0.5)).view(x.shape).to(x.dtype)
 
 
@@ -160,12 +169,13 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> tor
 #   element through the SIMD code, as a full-size call (a prefill, or the official model's precomputed RoPE table)
 #   does.
 # - fp32 GEMMs with few rows (M < 12 and not a multiple of 4) take other micro-kernels than large ones. Padding to
-#   16 rows gives every row the large-M result. (bf16 GEMMs are row-independent at every M.)
+#   the next multiple of 4 rows gives every row the large-M result (and costs less than padding to 16: a decode
+#   step runs ~25 fp32 GEMMs of one row). (bf16 GEMMs are row-independent at every M.)
 # - torch.topk breaks ties depending on the row length. Keys made unique by the index make the selection and its
 #   order a function of the values only: larger score first, lower index first among equal scores.
 _SIMD_STRIDE = 256  # elements; a multiple of every 2-vector stride (64 bf16 values in two 512-bit registers)
 _PARALLEL_GRAIN = 32768  # at::internal::GRAIN_SIZE: elementwise ops split ranges over threads above this size
-_GEMM_MIN_ROWS = 16
+_GEMM_MIN_ROWS = 12  # from 12 rows on, every M takes the large-M micro-kernels
 
 
 def _aligned_numel(n: int) -> int:
@@ -190,7 +200,7 @@ def pointwise(fn, x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor
     flat = x.reshape(-1)
     size = _aligned_numel(n)
     if size != n:
-        flat = torch.cat([flat, flat.new_zeros(size - n)])
+        flat = torch.nn.functional.pad(flat, (0, size - n))
     return fn(flat)[:n].view(x.shape)
 
 
@@ -199,17 +209,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = True) 
     if not batch_invariant or x.dtype != torch.float32:
         return torch.nn.functional.linear(x, weight)
     flat = x.reshape(-1, x.shape[-1])
-    out = _rows_at_least(lambda m: torch.nn.functional.linear(m, weight), flat, _GEMM_MIN_ROWS)
+    out = _gemm_rows(lambda m: torch.nn.functional.linear(m, weight), flat)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _rows_at_least(fn, flat: torch.Tensor, rows: int) -> torch.Tensor:
-    """``fn(flat)`` for a row-wise ``fn`` of ``flat [M, K]``, computed on at least ``rows`` rows (zero rows added,
-    their results dropped) so that a small M takes the same GEMM micro-kernels as a large one."""
+def _gemm_rows(fn, flat: torch.Tensor) -> torch.Tensor:
+    """``fn(flat)`` for a row-wise fp32 GEMM ``fn`` of ``flat [M, K]``, with zero rows added (their results dropped)
+    when M is below ``_GEMM_MIN_ROWS`` and not a multiple of 4, so that a small M takes the large-M micro-kernels."""
     m = flat.shape[0]
-    if m == 0 or m >= rows:
+    if m == 0 or m >= _GEMM_MIN_ROWS or m % 4 == 0:
         return fn(flat)
-    return fn(torch.cat([flat, flat.new_zeros(rows - m, flat.shape[1])]))[:m]
+    return fn(torch.nn.functional.pad(flat, (0, 0, 0, -m % 4)))[:m]
 
 
 def _order_preserving_int(x: torch.Tensor) -> torch.Tensor:
