@@ -87,3 +87,31 @@ def test_topk_selects_what_torch_selects_up_to_ties(n, k, seed, bf16):
     values = scores.gather(-1, ours)
     assert torch.equal(values, scores.topk(k, dim=-1).values)  # the same multiset of top values, in order
     assert torch.equal(ours, topk_indices(torch.cat([scores, scores.new_full((3, 17), float("-inf"))], -1), k))
+
+
+@pytest.mark.parametrize("layer", [0, 1], ids=["hash-routed", "score-routed"])
+def test_moe_of_one_token_equals_its_row_of_a_batch(layer):
+    """The MoE's one-token path (slices, a decode step) against its index-list path (a batch): top-6 of 16 experts,
+    and a hash row that lists experts twice."""
+    from transformers_deepseek import DeepseekV4Config
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import DeepseekV4MoE
+
+    torch.manual_seed(0)
+    config = DeepseekV4Config(
+        vocab_size=64, hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=6,
+        num_hash_layers=1, num_hidden_layers=2, compress_ratios=[0, 0, 0],
+    )  # fmt: skip
+    moe = DeepseekV4MoE(config, layer).to(torch.bfloat16)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    tokens = 32
+    ids = torch.randint(0, 64, (1, tokens))
+    if layer == 0:
+        moe.gate.tid2eid.copy_(torch.randint(0, 16, (64, 6)))
+        moe.gate.tid2eid[5] = torch.tensor([3, 3, 7, 1, 7, 0])
+        ids[0, 4] = 5
+    x = torch.randn(1, tokens, 64).bfloat16()
+    with torch.no_grad():
+        batch = moe(x, ids)
+        for t in range(tokens):
+            assert torch.equal(moe(x[:, t : t + 1], ids[:, t : t + 1]), batch[:, t : t + 1]), t

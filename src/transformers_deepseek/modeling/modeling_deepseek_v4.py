@@ -684,13 +684,20 @@ class DeepseekV4MoE(nn.Module):
                 _CopyToExpertRanks.apply(x, self.expert_group),
                 _CopyToExpertRanks.apply(weights, self.expert_group),
             )
-        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
-        for e, count in enumerate(counts):
-            if count == 0 or e not in self.local_experts:
-                continue
-            rows, slot = torch.where(indices == e)
-            # Same indexed update as the official code (a token listing an expert twice is written once).
-            y[rows] += self.experts[e](xe[rows], we[rows, slot, None])
+        if x.shape[0] == 1:  # one token (a decode step): slices instead of index lists, same arithmetic and order
+            ids = indices[0].tolist()
+            slot_of = {e: slot for slot, e in enumerate(ids)}  # a repeated expert: its last slot, as index_put
+            for e in sorted(slot_of):
+                if e in self.local_experts:
+                    y[:1] += self.experts[e](xe[:1], we[:1, slot_of[e], None])
+        else:
+            counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist()
+            for e, count in enumerate(counts):
+                if count == 0 or e not in self.local_experts:
+                    continue
+                rows, slot = torch.where(indices == e)
+                # Same indexed update as the official code (a token listing an expert twice is written once).
+                y[rows] += self.experts[e](xe[rows], we[rows, slot, None])
         if self.expert_group is not None:
             # The official expert-parallel reduction: one fp32 all-reduce of the partial sums, before the shared
             # expert. Exact for top-2 routing on 2 ranks (a + b == b + a); fp32 reassociation otherwise.
