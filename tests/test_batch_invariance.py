@@ -115,3 +115,19 @@ def test_moe_of_one_token_equals_its_row_of_a_batch(layer):
         batch = moe(x, ids)
         for t in range(tokens):
             assert torch.equal(moe(x[:, t : t + 1], ids[:, t : t + 1]), batch[:, t : t + 1]), t
+
+
+def test_sinkhorn_of_few_tokens_equals_its_rows_of_a_long_call():
+    """A few tokens (a decode step) take numpy's Sinkhorn loop, many take torch's: bit for bit the same matrices."""
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import _SINKHORN_NUMPY_TOKENS, sinkhorn_split
+
+    gen = torch.Generator().manual_seed(0)
+    hc, tokens = 4, 400
+    mixes = torch.randn(1, tokens, (2 + hc) * hc, generator=gen) * torch.rand(1, tokens, 1, generator=gen) * 8
+    scale, base = torch.rand(3, generator=gen) * 2, torch.randn((2 + hc) * hc, generator=gen)
+    long = sinkhorn_split(mixes, scale, base, hc, 20, 1e-6)
+    assert tokens > _SINKHORN_NUMPY_TOKENS
+    for t0, n in [(0, 1), (17, 1), (399, 1), (40, 3), (100, _SINKHORN_NUMPY_TOKENS)]:
+        short = sinkhorn_split(mixes[:, t0 : t0 + n], scale, base, hc, 20, 1e-6)
+        for a, b in zip(short, long, strict=True):
+            assert torch.equal(a, b[:, t0 : t0 + n]), (t0, n)
