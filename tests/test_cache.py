@@ -90,6 +90,26 @@ def test_default_kernels_decode_every_token_to_its_prefill_logits(name, key, pre
     assert rel_l2(full, golden.tensors["prefill.logits"][:, : full.shape[1]]) <= golden.end_to_end_floor
 
 
+def test_indexer_scores_keys_a_slice_at_a_time_with_the_same_result(bf16, monkeypatch):
+    """The indexer decodes and scores stored keys a slice at a time: slices of 5 keys (instead of 2048, more than
+    this fixture has) give the same prefill and decode logits bit for bit."""
+    from transformers_deepseek.modeling import modeling_deepseek_v4
+
+    model, golden = bf16
+    ids = golden.input_ids[:, :150]
+
+    def run():
+        cache = DeepseekV4Cache(config=model.config)
+        with torch.no_grad():
+            out = [model(ids[:, :120], past_key_values=cache).logits]
+            out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(120, 150)]
+        return torch.cat(out, dim=1)
+
+    whole = run()
+    monkeypatch.setattr(modeling_deepseek_v4, "_INDEX_KEY_SLICE", 5)
+    assert torch.equal(run(), whole)
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.lists(st.integers(1, 119), min_size=1, max_size=3, unique=True))
 def test_chunked_prefill_and_decode_match_one_prefill(bf16, cuts):

@@ -47,6 +47,7 @@ KV_FP8_BLOCK = 64
 INDEXER_FP4_BLOCK = 32
 ATTN_INDEX_BLOCK = 64  # sparse_attn walks the index list in blocks of 64 with an online softmax
 _QUERY_CHUNK_ELEMS = 1 << 22  # bound on gathered-KV elements materialised per attention / indexer chunk
+_INDEX_KEY_SLICE = 4096  # indexer keys decoded and scored this many at a time (1 MiB of bf16)
 _SINKHORN_NUMPY_TOKENS = 16  # Sinkhorn iterations of at most this many tokens run in numpy (see sinkhorn_split)
 
 
@@ -426,11 +427,20 @@ class DeepseekV4Indexer(nn.Module):
             keys = new
         else:
             cache.write_entries("index", pack_index_keys(new), first, count)
-            keys = unpack_index_keys({k: v[:, :n] for k, v in cache.entries["index"].items()}) if n else new
+            if n:  # decoded a slice at a time inside select (they are read once per step, and stay in cache)
+                store = cache.entries["index"]
+                keys = lambda a, b: unpack_index_keys({k: v[:, a:b] for k, v in store.items()})  # noqa: E731
+            else:
+                keys = new
         return self.select(x, self.queries(qr, cis), keys, chunk.positions, n)
 
     def select(
-        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, n_entries: int
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        keys: torch.Tensor | Callable[[int, int], torch.Tensor],
+        positions: torch.Tensor,
+        n_entries: int,
     ) -> torch.Tensor:
         """Top-k over the first ``n_entries`` keys per query; ``-1`` for entries the query cannot see yet.
 
@@ -444,14 +454,19 @@ class DeepseekV4Indexer(nn.Module):
             return positions.new_full((bsz, seqlen, 0), -1)
         weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
         chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * n))
+        key_slice = keys if callable(keys) else lambda a, b: keys[:, a:b]
         out = []
         for s0 in range(0, seqlen, chunk):
             # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n], keys as the untransposed operand: a decode step does not
             # copy all n stored keys into a transposed layout (same bf16 scores, checked bit for bit by the tests).
+            # Keys a slice at a time, each scored while it is in cache (rows of a bf16 GEMM do not depend on M).
             qc = q[:, s0 : s0 + chunk]
-            score = torch.matmul(keys[:, :n], qc.flatten(1, 2).transpose(1, 2)).transpose(1, 2)
-            score = score.unflatten(1, qc.shape[1:3])
-            score = (score.relu() * weights[:, s0 : s0 + chunk].unsqueeze(-1)).sum(dim=2)  # [B, s, n] bf16
+            qt, w = qc.flatten(1, 2).transpose(1, 2).contiguous(), weights[:, s0 : s0 + chunk].unsqueeze(-1)
+            score = q.new_empty(bsz, qc.shape[1], n)
+            for k0 in range(0, n, _INDEX_KEY_SLICE):
+                k1 = min(n, k0 + _INDEX_KEY_SLICE)
+                part = torch.matmul(key_slice(k0, k1), qt).transpose(1, 2).unflatten(1, qc.shape[1:3])
+                torch.sum(part.relu_() * w, dim=2, out=score[:, :, k0:k1])  # [B, s, n] bf16
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
             score = score.masked_fill(hidden, float("-inf"))
