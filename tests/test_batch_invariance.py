@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformers_deepseek.modeling.numerics import linear, pointwise, topk_indices
+from transformers_deepseek.modeling.numerics import linear, pointwise, rsqrt, topk_indices
 
 FUNCTIONS = {
     "exp": torch.exp,
@@ -44,6 +44,24 @@ def test_pointwise_result_of_an_element_does_not_depend_on_the_call(reference, n
     stop = min(SIZE, start + length)
     got = pointwise(FUNCTIONS[name], x[start:stop].view(1, -1))
     assert torch.equal(got.view(-1), reference[name, dtype][start:stop])
+
+
+@settings(max_examples=60, deadline=None)
+@given(bf16=st.booleans(), start=st.integers(0, SIZE - 1), length=st.integers(1, 300), tiny=st.booleans())
+def test_rsqrt_result_of_an_element_does_not_depend_on_the_call(reference, bf16, start, length, tiny):
+    """numerics.rsqrt: fp32 unpadded (SIMD and scalar code give the same bits), bf16 through pointwise(); short
+    calls (scalar code only) against the reference's long call (SIMD), over the norms' range and beyond it."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(SIZE, generator=gen) * 8 + 0.01
+    if tiny:  # mean squares of small activations, down to the subnormal range
+        x = x * 2.0**-130
+    x = x.to(dtype)
+    full = torch.rsqrt(x) if dtype == torch.float32 else reference["rsqrt", dtype]
+    if tiny and dtype == torch.bfloat16:
+        full = rsqrt(x)
+    stop = min(SIZE, start + length)
+    assert torch.equal(rsqrt(x[start:stop].view(1, -1)).view(-1), full[start:stop])
 
 
 def test_plain_elementwise_kernels_do_depend_on_the_call():

@@ -38,6 +38,7 @@ from .numerics import (
     linear,
     pointwise,
     rope_cis,
+    rsqrt,
     topk_indices,
     yarn_inv_freq,
 )
@@ -66,7 +67,7 @@ class DeepseekV4RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * pointwise(torch.rsqrt, x.square().mean(-1, keepdim=True) + self.eps, self.batch_invariant)
+        x = x * rsqrt(x.square().mean(-1, keepdim=True) + self.eps, self.batch_invariant)
         return (self.weight * x).to(dtype)
 
 
@@ -143,8 +144,8 @@ def sinkhorn_split(
 
 def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, eps: float, batch_invariant: bool = True) -> torch.Tensor:
     """Mixing logits of the flattened streams: ``F.linear(x, fn) * rsqrt(mean(x^2) + eps)`` in fp32 (SPEC §4)."""
-    rsqrt = pointwise(torch.rsqrt, x.square().mean(-1, keepdim=True) + eps, batch_invariant)
-    return linear(x, fn, batch_invariant) * rsqrt
+    scale = rsqrt(x.square().mean(-1, keepdim=True) + eps, batch_invariant)
+    return linear(x, fn, batch_invariant) * scale
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -204,6 +204,16 @@ def pointwise(fn, x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor
     return fn(flat)[:n].view(x.shape)
 
 
+def rsqrt(x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
+    """``torch.rsqrt`` whose per-element result does not depend on the call. In fp32 both the SIMD and the scalar
+    code compute ``1 / sqrt(x)`` with IEEE (correctly rounded) square root and division, so every element gets the
+    same bits without padding (a decode step's norms take ~100 one-element calls); bf16 rounds differently in the
+    scalar code and goes through :func:`pointwise`."""
+    if x.dtype == torch.float32:
+        return torch.rsqrt(x)
+    return pointwise(torch.rsqrt, x, batch_invariant)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
     """``F.linear(x, weight)`` whose rows do not depend on how many rows are computed together (see above)."""
     if not batch_invariant or x.dtype != torch.float32:
