@@ -9,7 +9,7 @@ fp32 norms / hyper-connection mixers / compressor projections / attention sinks 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy
 import torch
@@ -115,8 +115,10 @@ def sinkhorn_split(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hc_split_sinkhorn`` (SPEC §6): mixes ``[B,S,(2+hc)hc]`` fp32 -> pre ``[B,S,hc]``, post ``[B,S,hc]``,
     comb ``[B,S,hc,hc]``."""
-    pre = pointwise(torch.sigmoid, mixes[..., :hc] * scale[0] + base[:hc], batch_invariant) + eps
-    post = 2 * pointwise(torch.sigmoid, mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc], batch_invariant)
+    # pre and post gates in one sigmoid call (elementwise: the same values as two calls)
+    gates = mixes[..., : 2 * hc] * scale[:2].repeat_interleave(hc) + base[: 2 * hc]
+    gates = pointwise(torch.sigmoid, gates, batch_invariant)
+    pre, post = gates[..., :hc] + eps, 2 * gates[..., hc:]
     comb = mixes[..., 2 * hc :].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc :].view(hc, hc)
     # Kernel softmax spelled out (exp(x - max) / sum): torch.softmax rounds differently in the last fp32 bit, which
     # flips bf16 roundings of the streams downstream; this form reproduces the official streams bit for bit.
@@ -255,9 +257,12 @@ def _blockwise_softmax_pv(logits: torch.Tensor, values: torch.Tensor, exp: Calla
     acc, denom = pv[:, :, 0], psum[:, :, 0]
     if nb > 1:
         alpha = exp(running[:, :, :-1] - running[:, :, 1:])
-        for b in range(1, nb):
-            acc = acc * alpha[:, :, b - 1].unsqueeze(-1) + pv[:, :, b]
-            denom = denom * alpha[:, :, b - 1] + psum[:, :, b]
+        # views of every block taken once (a decode step walks ~10 blocks per layer)
+        alphas, columns = alpha.unbind(2), alpha.unsqueeze(-1).unbind(2)
+        blocks = zip(alphas, columns, pv[:, :, 1:].unbind(2), psum[:, :, 1:].unbind(2), strict=True)
+        for a, a_col, pv_b, psum_b in blocks:
+            acc = acc * a_col + pv_b
+            denom = denom * a + psum_b
     return acc, denom, running[:, :, -1]
 
 
@@ -269,6 +274,7 @@ class ChunkState:
     old_len: torch.Tensor  # [B] tokens before the chunk
     new_len: torch.Tensor  # [B] tokens after the chunk
     dense: bool | None = None  # no padding in the chunk (worked out from `positions` when not given)
+    rope: dict = field(default_factory=dict)  # RoPE rotations of `positions` per frequency set, shared by layers
 
     def __post_init__(self) -> None:
         if self.dense is None:
@@ -455,6 +461,8 @@ class DeepseekV4Indexer(nn.Module):
             return positions.new_full((bsz, seqlen, 0), -1)
         weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
         chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * n))
+        if callable(keys) and seqlen > chunk:  # several query chunks (a prefill): decode the keys once
+            keys = keys(0, n)
         key_slice = keys if callable(keys) else lambda a, b: keys[:, a:b]
         out = []
         for s0 in range(0, seqlen, chunk):
@@ -463,11 +471,12 @@ class DeepseekV4Indexer(nn.Module):
             # Keys a slice at a time, each scored while it is in cache (rows of a bf16 GEMM do not depend on M).
             qc = q[:, s0 : s0 + chunk]
             qt, w = qc.flatten(1, 2).transpose(1, 2).contiguous(), weights[:, s0 : s0 + chunk].unsqueeze(-1)
-            score = q.new_empty(bsz, qc.shape[1], n)
+            parts = []
             for k0 in range(0, n, _INDEX_KEY_SLICE):
-                k1 = min(n, k0 + _INDEX_KEY_SLICE)
-                part = torch.matmul(key_slice(k0, k1), qt).transpose(1, 2).unflatten(1, qc.shape[1:3])
-                torch.sum(part.relu_() * w, dim=2, out=score[:, :, k0:k1])  # [B, s, n] bf16
+                part = torch.matmul(key_slice(k0, min(n, k0 + _INDEX_KEY_SLICE)), qt)
+                part = part.transpose(1, 2).unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
+                parts.append((part.relu() * w).sum(dim=2))  # [B, s, slice] bf16
+            score = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
             score = score.masked_fill(hidden, float("-inf"))
@@ -538,7 +547,10 @@ class DeepseekV4Attention(nn.Module):
         rd = self.rope_dim
         positions = chunk.positions
         inv_freq = self.inv_freq
-        cis = rope_cis(inv_freq, positions.clamp(min=0), self.batch_invariant)  # [B, S, rd/2]
+        key = (self.rope_base, self.yarn is not None)  # the two frequency sets of a model (SPEC §4)
+        cis = chunk.rope.get(key)
+        if cis is None:
+            cis = chunk.rope[key] = rope_cis(inv_freq, positions.clamp(min=0), self.batch_invariant)  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.heads, self.head_dim))
