@@ -48,7 +48,7 @@ KV_FP8_BLOCK = 64
 INDEXER_FP4_BLOCK = 32
 ATTN_INDEX_BLOCK = 64  # sparse_attn walks the index list in blocks of 64 with an online softmax
 _QUERY_CHUNK_ELEMS = 1 << 22  # bound on gathered-KV elements materialised per attention / indexer chunk
-_INDEX_KEY_SLICE = 4096  # indexer keys decoded and scored this many at a time (1 MiB of bf16)
+_INDEX_KEY_SLICE = 8192  # indexer keys decoded and scored this many at a time (2 MiB of bf16)
 _SINKHORN_NUMPY_TOKENS = 16  # Sinkhorn iterations of at most this many tokens run in numpy (see sinkhorn_split)
 
 
