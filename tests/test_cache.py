@@ -156,6 +156,42 @@ def test_left_padded_batch_rows_match_unbatched_runs(bf16):
         assert torch.equal(both[0], la[0]) and torch.equal(both[1], lb[0]), step
 
 
+def test_decode_of_a_batch_whose_rows_fill_the_window_at_different_steps():
+    """A left-padded batch decoded token by token while one row's window is full and the other's is still filling
+    (the full-window decode path must not be taken for the batch then): every row equals its unbatched run."""
+    from transformers_deepseek import DeepseekV4Config
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import DeepseekV4ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV4Config(
+        vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_hash_layers=1,
+        num_nextn_predict_layers=1, num_attention_heads=2, head_dim=80, qk_rope_head_dim=16, q_lora_rank=32,
+        o_groups=2, o_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=32,
+        index_topk=4, sliding_window=8, compress_ratios=[0, 4, 128, 0],
+    )  # fmt: skip
+    model = DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(2, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    lengths, steps = (20, 3), 12  # row 1's window fills during the decode, row 0's is full from the start
+
+    def run(rows):
+        width = max(lengths[r] for r in rows)
+        batch = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            batch[i, width - lengths[r] :], mask[i, width - lengths[r] :] = ids[r, : lengths[r]], 1
+        cache = DeepseekV4Cache(config=model.config)
+        with torch.no_grad():
+            out = [model(batch, attention_mask=mask, past_key_values=cache).logits[:, -1]]
+            for t in range(steps):
+                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+                step = torch.stack([ids[r, lengths[r] + t] for r in rows]).view(-1, 1)
+                out.append(model(step, attention_mask=mask, past_key_values=cache).logits[:, -1])
+        return torch.stack(out, dim=1)
+
+    both = run([0, 1])
+    assert torch.equal(both[0], run([0])[0]) and torch.equal(both[1], run([1])[0])
+
+
 def test_left_padded_rows_with_plain_kernels_stay_within_the_noise_floor():
     """The plain kernels round each row by the batch's shape (as the official model does between its own prefill
     and decode paths): rows then agree up to the end-to-end noise floor only. A padding bug is far above it (a

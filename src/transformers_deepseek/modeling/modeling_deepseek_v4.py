@@ -375,7 +375,8 @@ def _entries(
     ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given)."""
     if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
-    cache.write_entries(name, pack(new), first, count)
+    if new.shape[1]:  # most decode steps complete no entry: nothing to pack
+        cache.write_entries(name, pack(new), first, count)
     if name not in cache.entries:  # no entry complete yet: every index list is empty
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
     store = cache.entries[name]
@@ -433,7 +434,8 @@ class DeepseekV4Indexer(nn.Module):
         if cache is None:
             keys = new
         else:
-            cache.write_entries("index", pack_index_keys(new), first, count)
+            if new.shape[1]:
+                cache.write_entries("index", pack_index_keys(new), first, count)
             if n:  # decoded a slice at a time inside select (they are read once per step, and stay in cache)
                 store = cache.entries["index"]
                 keys = lambda a, b: unpack_index_keys({k: v[:, a:b] for k, v in store.items()})  # noqa: E731
@@ -564,18 +566,23 @@ class DeepseekV4Attention(nn.Module):
         # crop): decode just those; a suffix of a right-aligned buffer is a right-aligned buffer.
         prev = cache.window_len() if cache is not None else 0
         used = min(prev, self.window - 1)
-        local = (
-            kv
-            if used == 0
-            else torch.cat([unpack_kv({k: v[:, prev - used :] for k, v in cache.window.items()}), kv], 1)
-        )
+        suffix = {k: v[:, prev - used :] for k, v in cache.window.items()} if used else None
         view = ChunkView(positions, chunk.old_len, used, chunk.dense)
         win_idx = view.slot(window_positions(positions, self.window, self.batch_invariant))  # [B, S, w]
         # A padding query attends to its own slot only (its output is discarded; this keeps the softmax finite).
         if not chunk.dense:
             own = used + torch.arange(seqlen, device=x.device)
             win_idx[..., 0] = torch.where(positions < 0, own, win_idx[..., 0])
-        sources = [dense_source(local, win_idx)]
+        if seqlen == 1 and chunk.dense and used == self.window - 1 and int(chunk.old_len.min()) >= used:
+            # A decode step, every row's window full: its keys are the cached suffix then this token, in slot order
+            # (win_idx is 0 .. used in every row), decoded straight into the attention's buffer.
+            def fill_window(idx: torch.Tensor, out: torch.Tensor) -> None:
+                unpack_kv(suffix, out=out[:, 0, :used])
+                out[:, 0, used] = kv[:, 0]
+
+            sources: list[KeySource] = [(fill_window, win_idx)]
+        else:
+            sources = [dense_source(kv if suffix is None else torch.cat([unpack_kv(suffix), kv], 1), win_idx)]
         if cache is not None:
             packed = pack_kv(kv, rd) if prev == 0 else {
                 k: torch.cat([cache.window[k], v], dim=1) for k, v in pack_kv(kv, rd).items()
