@@ -387,7 +387,8 @@ def _entries(
         # A query chunk that gathers more entries than are stored (prefill: S*k >> n) decodes every stored entry
         # once instead of each gathered copy; decoding is elementwise, so the values are identical either way.
         if dense_fill is None and idx[0].numel() >= store["q"].shape[1]:
-            dense_fill = dense_source(unpack(store), idx)[0]
+            complete = max(1, int((first + count).max()))  # entries that exist (the rest is spare capacity)
+            dense_fill = dense_source(unpack({k: v[:, :complete] for k, v in store.items()}), idx)[0]
         if dense_fill is not None:
             dense_fill(idx, out)
         else:
