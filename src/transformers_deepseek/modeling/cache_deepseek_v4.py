@@ -17,7 +17,7 @@ lengths. Compressed entries are left-aligned (entry ``i`` at index ``i``) and gr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers.cache_utils import Cache
@@ -225,11 +225,21 @@ class DeepseekV4CacheLayer:
     def set_tail(self, name: str, tail: Store) -> None:
         self.tails[name] = tail
 
-    def write_entries(self, name: str, values: Store, first: torch.Tensor, count: torch.Tensor) -> None:
-        """Store ``values[b, j]`` at entry ``first[b] + j`` for ``j < count[b]`` (values: ``[B, nb, ...]``)."""
-        nb = next(iter(values.values())).shape[1]
+    def write_entries(
+        self,
+        name: str,
+        new: torch.Tensor,
+        pack: Callable[[torch.Tensor], Store],
+        first: torch.Tensor,
+        count: torch.Tensor,
+    ) -> None:
+        """Store ``pack(new)[b, j]`` at entry ``first[b] + j`` for ``j < count[b]`` (``new``: ``[B, nb, ...]``).
+
+        Most decode steps complete no entry (``nb == 0``): nothing is packed then."""
+        nb = new.shape[1]
         if nb == 0:
             return
+        values = pack(new)
         need = int((first + count).max())
         store = self.entries.get(name)
         if store is None or store["q"].shape[1] < need:

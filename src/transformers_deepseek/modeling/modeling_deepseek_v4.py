@@ -375,8 +375,7 @@ def _entries(
     ``unpack(store, out=None)`` decodes packed entries (into ``out`` when given)."""
     if cache is None:  # no history: the chunk's entries are all there is (bf16, differentiable)
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
-    if new.shape[1]:  # most decode steps complete no entry: nothing to pack
-        cache.write_entries(name, pack(new), first, count)
+    cache.write_entries(name, new, pack, first, count)
     if name not in cache.entries:  # no entry complete yet: every index list is empty
         return dense_source(new, first.new_zeros(1, 1, 1))[0]
     store = cache.entries[name]
@@ -432,27 +431,24 @@ class DeepseekV4Indexer(nn.Module):
         entry yet (SPEC §4 Indexer); ``n`` = complete entries of the longest row."""
         new, first, count = self.compressor(x, chunk, inv_freq, cache, "index")
         n = int((chunk.new_len // self.ratio).max())
-        if cache is None:
-            keys = new
-        else:
-            if new.shape[1]:
-                cache.write_entries("index", pack_index_keys(new), first, count)
-            if n:  # decoded a slice at a time inside select (they are read once per step, and stay in cache)
+        keys = lambda a, b: new[:, a:b]  # noqa: E731  (no cache: this chunk's entries are all there is)
+        if cache is not None:
+            cache.write_entries("index", new, pack_index_keys, first, count)
+            if n:  # stored keys, decoded a slice at a time inside select
                 store = cache.entries["index"]
                 keys = lambda a, b: unpack_index_keys({k: v[:, a:b] for k, v in store.items()})  # noqa: E731
-            else:
-                keys = new
         return self.select(x, self.queries(qr, cis), keys, chunk.positions, n)
 
     def select(
         self,
         x: torch.Tensor,
         q: torch.Tensor,
-        keys: torch.Tensor | Callable[[int, int], torch.Tensor],
+        keys: Callable[[int, int], torch.Tensor],
         positions: torch.Tensor,
         n_entries: int,
     ) -> torch.Tensor:
         """Top-k over the first ``n_entries`` keys per query; ``-1`` for entries the query cannot see yet.
+        ``keys(a, b)`` gives keys ``a .. b-1`` as bf16 ``[B, b - a, d]``.
 
         Scores are a bf16 einsum of the FP4-simulated queries with the FP4-simulated keys, ReLU, weighted by
         ``weights_proj(x) * d^-0.5 * H^-0.5`` and summed over heads, all in bf16 as the official code does.
@@ -464,9 +460,9 @@ class DeepseekV4Indexer(nn.Module):
             return positions.new_full((bsz, seqlen, 0), -1)
         weights = self.weights_proj(x) * self.weight_scale  # [B, S, H] bf16
         chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * self.heads * n))
-        if callable(keys) and seqlen > chunk:  # several query chunks (a prefill): decode the keys once
-            keys = keys(0, n)
-        key_slice = keys if callable(keys) else lambda a, b: keys[:, a:b]
+        if seqlen > chunk:  # several query chunks (a prefill): get the keys once, not once per query chunk
+            every_key = keys(0, n)
+            keys = lambda a, b: every_key[:, a:b]  # noqa: E731
         out = []
         for s0 in range(0, seqlen, chunk):
             # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n], keys as the untransposed operand: a decode step does not
@@ -476,7 +472,7 @@ class DeepseekV4Indexer(nn.Module):
             qt, w = qc.flatten(1, 2).transpose(1, 2).contiguous(), weights[:, s0 : s0 + chunk].unsqueeze(-1)
             parts = []
             for k0 in range(0, n, _INDEX_KEY_SLICE):
-                part = torch.matmul(key_slice(k0, min(n, k0 + _INDEX_KEY_SLICE)), qt)
+                part = torch.matmul(keys(k0, min(n, k0 + _INDEX_KEY_SLICE)), qt)
                 part = part.transpose(1, 2).unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
                 parts.append((part.relu() * w).sum(dim=2))  # [B, s, slice] bf16
             score = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -532,9 +528,8 @@ class DeepseekV4Attention(nn.Module):
         cached = self.__dict__.get("_inv_freq")
         if cached is None or cached.device != device:
             with torch.inference_mode(False):  # usable by later training forwards too
-                cached = self.__dict__["_inv_freq"] = yarn_inv_freq(self.rope_dim, self.rope_base, self.yarn).to(
-                    device
-                )
+                cached = yarn_inv_freq(self.rope_dim, self.rope_base, self.yarn).to(device)
+            self.__dict__["_inv_freq"] = cached
         return cached
 
     def window_kv(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
@@ -568,8 +563,10 @@ class DeepseekV4Attention(nn.Module):
         prev = cache.window_len() if cache is not None else 0
         used = min(prev, self.window - 1)
         suffix = {k: v[:, prev - used :] for k, v in cache.window.items()} if used else None
-        view = ChunkView(positions, chunk.old_len, used, chunk.dense)
+        view = ChunkView(positions, chunk.old_len, prev, chunk.dense)
         win_idx = view.slot(window_positions(positions, self.window, self.batch_invariant))  # [B, S, w]
+        if prev > used:  # slots of cat(suffix, chunk): the skipped oldest slots are never in a window
+            win_idx = torch.where(win_idx >= 0, win_idx - (prev - used), -1)
         # A padding query attends to its own slot only (its output is discarded; this keeps the softmax finite).
         if not chunk.dense:
             own = used + torch.arange(seqlen, device=x.device)
@@ -588,10 +585,7 @@ class DeepseekV4Attention(nn.Module):
             packed = pack_kv(kv, rd) if prev == 0 else {
                 k: torch.cat([cache.window[k], v], dim=1) for k, v in pack_kv(kv, rd).items()
             }  # fmt: skip
-            keep = min(cache.window_cap, prev + seqlen)
-            cache.set_window(
-                ChunkView(positions, chunk.old_len, prev, chunk.dense).keep_last(packed, chunk.new_len, keep)
-            )
+            cache.set_window(view.keep_last(packed, chunk.new_len, min(cache.window_cap, prev + seqlen)))
 
         if self.ratio:
             new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv")
