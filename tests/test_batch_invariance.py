@@ -107,6 +107,19 @@ def test_topk_selects_what_torch_selects_up_to_ties(n, k, seed, bf16):
     assert torch.equal(ours, topk_indices(torch.cat([scores, scores.new_full((3, 17), float("-inf"))], -1), k))
 
 
+def test_topk_int32_keys_of_bf16_rows_equal_the_int64_keys():
+    """Rows of at most 2^16 bf16 scores take one int32 per key; one more column takes the int64 keys. Many ties,
+    signed zeros, infinities: both give the same indices."""
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randint(-6, 7, (2, 1 << 16), generator=g) / 4).to(torch.bfloat16)
+    scores[0, ::97] = -0.0
+    scores[1, ::89] = float("-inf")
+    scores[1, 5::1001] = float("inf")
+    padded = torch.cat([scores, scores.new_full((2, 1), float("-inf"))], dim=-1)
+    for k in (1, 512, 4096):
+        assert torch.equal(topk_indices(scores, k), topk_indices(padded, k)), k
+
+
 @pytest.mark.parametrize("layer", [0, 1], ids=["hash-routed", "score-routed"])
 def test_moe_of_one_token_equals_its_row_of_a_batch(layer):
     """The MoE's one-token path (slices, a decode step) against its index-list path (a batch): top-6 of 16 experts,

@@ -232,12 +232,12 @@ def _gemm_rows(fn, flat: torch.Tensor) -> torch.Tensor:
     return fn(torch.nn.functional.pad(flat, (0, 0, 0, -m % 4)))[:m]
 
 
-def _order_preserving_int(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered as the floats ``x`` (bf16 / fp16 / fp32; NaN not supported)."""
+def _order_preserving_int(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Integer keys (``dtype``) ordered as the floats ``x`` (bf16 / fp16 / fp32; NaN not supported)."""
     if x.dtype in (torch.bfloat16, torch.float16):
-        bits, magnitude = x.view(torch.int16).to(torch.int64), 0x7FFF
+        bits, magnitude = x.view(torch.int16).to(dtype), 0x7FFF
     else:
-        bits, magnitude = x.float().view(torch.int32).to(torch.int64), 0x7FFFFFFF
+        bits, magnitude = x.float().view(torch.int32).to(dtype), 0x7FFFFFFF
     return torch.where(bits < 0, bits ^ magnitude, bits)
 
 
@@ -249,6 +249,10 @@ def topk_indices(scores: torch.Tensor, k: int, batch_invariant: bool = True) -> 
     if not batch_invariant:
         return scores.topk(k, dim=-1).indices
     n = scores.shape[-1]
+    if scores.element_size() == 2 and n <= 1 << 16:  # 16-bit key and 16-bit index fit one int32 (half the traffic)
+        index = torch.arange(n, device=scores.device, dtype=torch.int32)
+        keys = (_order_preserving_int(scores, torch.int32) << 16) | ((1 << 16) - 1 - index)
+        return keys.topk(k, dim=-1).indices
     index = torch.arange(n, device=scores.device, dtype=torch.int64)
     keys = _order_preserving_int(scores) * (1 << 32) + ((1 << 32) - 1 - index)
     return keys.topk(k, dim=-1).indices
