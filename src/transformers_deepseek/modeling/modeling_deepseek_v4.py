@@ -465,16 +465,16 @@ class DeepseekV4Indexer(nn.Module):
             keys = lambda a, b: every_key[:, a:b]  # noqa: E731
         out = []
         for s0 in range(0, seqlen, chunk):
-            # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n], keys as the untransposed operand: a decode step does not
-            # copy all n stored keys into a transposed layout (same bf16 scores, checked bit for bit by the tests).
-            # Keys a slice at a time, each scored while it is in cache (rows of a bf16 GEMM do not depend on M).
+            # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n] in the official layout: the sum over heads runs over a
+            # strided dim, one head after the other. The keys enter bmm as a transposed view (no copy; matmul would
+            # copy them), a slice at a time, each scored while it is in cache.
             qc = q[:, s0 : s0 + chunk]
-            qt, w = qc.flatten(1, 2).transpose(1, 2).contiguous(), weights[:, s0 : s0 + chunk].unsqueeze(-1)
+            qf, w = qc.flatten(1, 2), weights[:, s0 : s0 + chunk].unsqueeze(-1)
             parts = []
             for k0 in range(0, n, _INDEX_KEY_SLICE):
-                part = torch.matmul(keys(k0, min(n, k0 + _INDEX_KEY_SLICE)), qt)
-                part = part.transpose(1, 2).unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
-                parts.append((part.relu() * w).sum(dim=2))  # [B, s, slice] bf16
+                part = torch.bmm(qf, keys(k0, min(n, k0 + _INDEX_KEY_SLICE)).transpose(1, 2))
+                part = part.unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
+                parts.append((part.relu_() * w).sum(dim=2))  # [B, s, slice] bf16
             score = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
