@@ -122,6 +122,9 @@ def worker(impl: str, phase: str, ns: list[int], ckpt: str, chunk: int, steps: i
         model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
         new_cache = lambda: DeepseekV4Cache(config=model.config)  # noqa: E731
         nbytes = lambda cache: cache.nbytes  # noqa: E731
+        from transformers_deepseek.modeling import kernels
+
+        kernel_path = "numba" if kernels.available() else "torch"  # the cache decode's table lookups
     else:
         from transformers import DynamicCache
         from transformers.models.deepseek_v4 import DeepseekV4ForCausalLM as Native
@@ -137,6 +140,8 @@ def worker(impl: str, phase: str, ns: list[int], ckpt: str, chunk: int, steps: i
     with torch.inference_mode():
         for n in ns:
             out: dict = {"impl": impl, "phase": phase, "n": n, "model_rss": model_rss}
+            if impl == "ours":
+                out["kernels"] = kernel_path
             cache = new_cache()
             synth = impl == "ours" and phase == "decode" and n > real_max
             reach = SEED_LEN if synth else n
@@ -251,6 +256,9 @@ def report(results: list[dict]) -> list[str]:
 
     rows: list[tuple[str, object, object, str]] = []
     lines = [f"{'metric':34s} {'ours':>16s} {'native':>22s} {'ours/native':>12s}"]
+    paths = sorted({r["kernels"] for r in results if "kernels" in r})
+    if paths:  # numba kernels (the `fast` extra) or the PyTorch ops
+        lines.insert(0, f"ours: cache decode lookups via {' / '.join(paths)}")
 
     def cell(r: dict | None, key: str, unit: str, per: int | None = None) -> tuple[str, float | None]:
         if r is None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers.cache_utils import Cache
 
+from . import kernels
 from .numerics import FP4_AMAX_FLOOR, FP4_MAX, FP8_AMAX_FLOOR, FP8_MAX, ceil_pow2_scale, round_to_e2m1
 
 KV_BLOCK = 64  # FP8 simulation block of the KV nope dims (SPEC §5.4)
@@ -112,6 +113,10 @@ _E2M1_SCALED = _e2m1_scaled_pairs()  # 256 KiB; one lookup decodes and scales 2 
 def unpack_index_keys(store: Store) -> torch.Tensor:
     """Packed e2m1 pairs + e8m0 scales -> bf16 keys ``[..., d]`` (exact: e2m1 times a power of two fits bf16)."""
     packed = store["q"]  # uint8 [..., d/2], 16 bytes per 32-value block
+    if packed.dim() == 3:
+        values = kernels.lookup_e2m1_pairs(packed, store["s"], _E2M1_SCALED)
+        if values is not None:
+            return values.view(torch.bfloat16).view(*packed.shape[:-1], -1)
     index = (store["s"].to(torch.int32) << 8).unsqueeze(-1) + packed.unflatten(-1, (-1, INDEX_BLOCK // 2))
     # index_select with int32 indices: a plain table lookup, faster than gather (int64 indices) or advanced indexing
     values = _E2M1_SCALED.to(packed.device).index_select(0, index.view(-1))
