@@ -7,7 +7,14 @@ import torch
 
 from helpers import in_ci
 from transformers_deepseek.modeling import kernels
-from transformers_deepseek.modeling.cache_deepseek_v4 import _E2M1_SCALED, pack_index_keys, unpack_index_keys
+from transformers_deepseek.modeling.cache_deepseek_v4 import (
+    _E2M1_SCALED,
+    pack_index_keys,
+    pack_kv,
+    unpack_index_keys,
+    unpack_kv,
+)
+from transformers_deepseek.modeling.numerics import fp8_simulate
 
 
 @pytest.fixture(name="numba_kernels")
@@ -55,3 +62,45 @@ def test_e2m1_lookup_of_a_strided_slice_of_a_batch(numba_kernels, monkeypatch):
     fast = unpack_index_keys(store)
     assert torch.equal(fast, _torch_path(monkeypatch, unpack_index_keys, store))
     assert torch.equal(fast[1], unpack_index_keys({k: v[1:2].contiguous() for k, v in store.items()})[0])
+
+
+def _every_e4m3_code_and_scale() -> dict[str, torch.Tensor]:
+    # pair p = (scale code p // 256, e4m3 code p % 256) for p < 65536, 64 pairs per block (one scale each), 7 blocks
+    # per row (448 nope dims), the last row padded with code 0 at scale code 0
+    pairs = torch.arange(147 * 448) % (1 << 16)
+    pairs[1 << 16 :] = 0
+    return {
+        "q": (pairs % 256).to(torch.uint8).view(1, 147, 448),
+        "s": (pairs[::64] // 256).to(torch.uint8).view(1, 147, 7),
+        "rope": torch.randn(1, 147, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16),
+    }
+
+
+def test_e4m3_decode_matches_the_torch_path_for_every_scale_and_code(numba_kernels, monkeypatch):
+    """bf16 output (rounded to nearest even, NaN as ATen's vectorized conversion) and fp32 output (into a strided
+    view of a larger buffer, as the attention's key buffer is written), bit for bit."""
+    store = _every_e4m3_code_and_scale()
+    scale_of_value = store["s"].repeat_interleave(64, dim=-1).to(torch.int32)
+    assert torch.unique(store["q"].to(torch.int32) + scale_of_value * 256).numel() == 256 * 256  # the claim above
+
+    def both(s):
+        buffer = torch.full((1, 147, 600), 7.0)
+        return unpack_kv(s), unpack_kv(s, out=buffer[..., 50:562]), buffer
+
+    (fast16, fast32, fast_buffer), (slow16, slow32, slow_buffer) = both(store), _torch_path(monkeypatch, both, store)
+    assert torch.equal(fast16.view(torch.int16), slow16.view(torch.int16))
+    assert torch.equal(fast32.view(torch.int32), slow32.view(torch.int32))
+    assert torch.equal(fast_buffer.view(torch.int32), slow_buffer.view(torch.int32))  # nothing outside the view
+
+
+def test_e4m3_decode_of_gathered_and_strided_stores(numba_kernels, monkeypatch):
+    """4-d gathered entries ``[B, S, k, D]`` and a row slice of a batch (not contiguous)."""
+    kv = torch.randn(2, 40, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    kv = torch.cat([fp8_simulate(kv[..., :448], 64), kv[..., 448:]], dim=-1)  # nope dims on the e4m3 grid
+    store = pack_kv(kv, 64)
+    sliced = {k: v[:, 3:31] for k, v in store.items()}
+    gathered = {k: v[:, torch.tensor([[0, 5, 5], [39, 1, 2]])] for k, v in store.items()}
+    for s in (sliced, gathered):
+        fast = unpack_kv(s)
+        assert torch.equal(fast, _torch_path(monkeypatch, unpack_kv, s))
+    assert torch.equal(unpack_kv(store), kv)

@@ -61,12 +61,20 @@ def _e4m3_pairs() -> torch.Tensor:
 
 
 _E4M3_PAIRS = _e4m3_pairs()  # 512 KiB
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # the compiled kernel's tables
+_E8M0_VALUES = _from_e8m0(torch.arange(256, dtype=torch.uint8))
 
 
 def unpack_kv(store: Store, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed KV -> bf16 ``[..., D]``; with ``out`` (fp32, same shape) the values are written there instead (the
     same values: e4m3 times a power of two, and bf16 rope, are exact in both)."""
     codes = store["q"]
+    dst = out
+    if dst is None:
+        dst = codes.new_empty((*codes.shape[:-1], codes.shape[-1] + store["rope"].shape[-1]), dtype=torch.bfloat16)
+    if kernels.decode_e4m3_blocks(codes, store["s"], _E4M3_VALUES, _E8M0_VALUES, dst[..., : codes.shape[-1]]):
+        dst[..., codes.shape[-1] :] = store["rope"]
+        return dst
     pairs = codes.reshape(-1).view(torch.int16).to(torch.int32).add_(1 << 15)
     q = _E4M3_PAIRS.to(codes.device).index_select(0, pairs).view(torch.float32)
     q = q.view(*codes.shape[:-1], -1, KV_BLOCK)

@@ -1,12 +1,14 @@
 """Optional compiled CPU kernels (numba) for the table lookups of the cache decode.
 
 A decode step reads every stored indexer key (SPEC §4 Indexer scores all complete entries), so its cost grows with
-the context. In eager PyTorch the lookup needs an int32 index tensor as large as the keys; a numba loop computes
-each index in a register and writes the decoded values once. Results are the same bits as the PyTorch path (the
-same table, read at the same index); ``tests/test_kernels.py`` checks every (scale, byte) pair.
+the context, and it decodes the e4m3 KV of the window and of the selected compressed entries. In eager PyTorch a
+lookup needs an index tensor as large as its input and a second pass to apply the block scales; these loops compute
+the index in a register, scale, and write each value once. Results are the bits of the PyTorch path (the same
+tables; products exact in fp32; bf16 rounded to nearest even): ``tests/test_kernels.py`` checks every (scale, code)
+pair.
 
-Installed with ``pip install transformers-deepseek[fast]``. Without numba, or for tensors not on the CPU, callers
-use their PyTorch path (``lookup_e2m1_pairs`` returns ``None``).
+Installed with ``pip install transformers-deepseek[fast]``. Without numba, with ``TDSEEK_NO_NUMBA=1``, or for tensors
+the kernels do not take (not on the CPU, in an autograd graph), callers run their PyTorch path.
 """
 
 from __future__ import annotations
@@ -42,7 +44,38 @@ def _compiled() -> Any | None:
                     for j in range(g * 16, g * 16 + 16):
                         out[b, t, j] = table[base | np.int32(codes[b, t, j])]
 
-    return e2m1_pairs
+    @numba.njit(cache=True, boundscheck=False)
+    def e4m3_blocks(codes, scales, values, scale_values, out):  # pragma: no cover - compiled
+        # codes [B, N, D] uint8, scales [B, N, G] uint8 (D / G values per scale), values [256] fp32 (e4m3 table),
+        # scale_values [256] fp32 (e8m0 table), out [B, N, D] fp32: the products, exact in fp32
+        block = codes.shape[2] // scales.shape[2]
+        for b in range(codes.shape[0]):
+            for t in range(codes.shape[1]):
+                for g in range(scales.shape[2]):
+                    s = scale_values[scales[b, t, g]]
+                    for j in range(g * block, g * block + block):
+                        out[b, t, j] = values[codes[b, t, j]] * s
+
+    @numba.njit(cache=True, boundscheck=False)
+    def e4m3_blocks_bf16(codes, scales, values, scale_values, out):  # pragma: no cover - compiled
+        # as e4m3_blocks, out [B, N, D] uint16: the products rounded to bf16 (nearest even)
+        block = codes.shape[2] // scales.shape[2]
+        row = np.empty(codes.shape[2], dtype=np.float32)
+        bits = row.view(np.uint32)
+        for b in range(codes.shape[0]):
+            for t in range(codes.shape[1]):
+                for g in range(scales.shape[2]):
+                    s = scale_values[scales[b, t, g]]
+                    for j in range(g * block, g * block + block):
+                        row[j] = values[codes[b, t, j]] * s
+                for j in range(codes.shape[2]):
+                    u = bits[j]
+                    if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN: 0xFFFF, as ATen's vectorized conversion
+                        out[b, t, j] = 0xFFFF
+                    else:
+                        out[b, t, j] = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+    return {"e2m1_pairs": e2m1_pairs, "e4m3_blocks": e4m3_blocks, "e4m3_blocks_bf16": e4m3_blocks_bf16}
 
 
 def available() -> bool:
@@ -53,9 +86,38 @@ def available() -> bool:
 def lookup_e2m1_pairs(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
     """``table[(scales[..., j // 16] << 8) | codes[..., j]]`` for uint8 ``codes [B, N, 16G]`` and ``scales [B, N, G]``
     (any strides) and an int32 ``table [65536]``: int32 ``[B, N, 16G]``. None when the kernels are unavailable."""
-    kernel = _compiled()
-    if kernel is None or codes.device.type != "cpu" or codes.dim() != 3:
+    kernels = _compiled()
+    if kernels is None or codes.device.type != "cpu" or codes.dim() != 3:
         return None
     out = torch.empty(codes.shape, dtype=torch.int32)
-    kernel(codes.numpy(), scales.numpy(), table.numpy(), out.numpy())
+    kernels["e2m1_pairs"](codes.numpy(), scales.numpy(), table.numpy(), out.numpy())
     return out
+
+
+def _rows3(t: torch.Tensor) -> torch.Tensor:
+    """``[..., N, D]`` as a 3-d view (no copy; raises if the leading dims cannot be merged without one)."""
+    return t.unsqueeze(0) if t.dim() == 2 else t.view(-1, *t.shape[-2:])
+
+
+def decode_e4m3_blocks(
+    codes: torch.Tensor, scales: torch.Tensor, values: torch.Tensor, scale_values: torch.Tensor, out: torch.Tensor
+) -> bool:
+    """``out[..., j] = values[codes[..., j]] * scale_values[scales[..., j // (D / G)]]`` into ``out`` (fp32, or bf16
+    rounded to nearest even) for uint8 ``codes [..., N, D]``, ``scales [..., N, G]``; any strides. False (``out``
+    untouched) when the kernels are unavailable or the tensors do not suit them."""
+    kernels = _compiled()
+    if kernels is None or codes.device.type != "cpu" or out.requires_grad or codes.dim() < 2:
+        return False
+    if out.dtype not in (torch.float32, torch.bfloat16) or out.shape != codes.shape:
+        return False
+    try:
+        c, s, o = _rows3(codes), _rows3(scales), _rows3(out)
+    except RuntimeError:  # leading dims not viewable as one: let the caller's PyTorch path handle it
+        return False
+    if out.dtype == torch.float32:
+        kernels["e4m3_blocks"](c.numpy(), s.numpy(), values.numpy(), scale_values.numpy(), o.numpy())
+    else:
+        kernels["e4m3_blocks_bf16"](
+            c.numpy(), s.numpy(), values.numpy(), scale_values.numpy(), o.view(torch.uint16).numpy()
+        )
+    return True
