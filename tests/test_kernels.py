@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from transformers_deepseek.modeling.numerics import fp8_simulate
 
 
 @pytest.fixture(name="numba_kernels")
-def numba_kernels_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+def numba_kernels_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Kernels on (fails under CI, which installs the test extra with numba; skips elsewhere without numba)."""
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
     kernels._compiled.cache_clear()

@@ -69,12 +69,13 @@ def unpack_kv(store: Store, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed KV -> bf16 ``[..., D]``; with ``out`` (fp32, same shape) the values are written there instead (the
     same values: e4m3 times a power of two, and bf16 rope, are exact in both)."""
     codes = store["q"]
-    dst = out
-    if dst is None:
-        dst = codes.new_empty((*codes.shape[:-1], codes.shape[-1] + store["rope"].shape[-1]), dtype=torch.bfloat16)
-    if kernels.decode_e4m3_blocks(codes, store["s"], _E4M3_VALUES, _E8M0_VALUES, dst[..., : codes.shape[-1]]):
-        dst[..., codes.shape[-1] :] = store["rope"]
-        return dst
+    if kernels.available():  # one compiled pass: look up, scale, write (fp32 or bf16) in place
+        dst = out
+        if dst is None:
+            dst = codes.new_empty((*codes.shape[:-1], codes.shape[-1] + store["rope"].shape[-1]), dtype=torch.bfloat16)
+        if kernels.decode_e4m3_blocks(codes, store["s"], _E4M3_VALUES, _E8M0_VALUES, dst[..., : codes.shape[-1]]):
+            dst[..., codes.shape[-1] :] = store["rope"]
+            return dst
     pairs = codes.reshape(-1).view(torch.int16).to(torch.int32).add_(1 << 15)
     q = _E4M3_PAIRS.to(codes.device).index_select(0, pairs).view(torch.float32)
     q = q.view(*codes.shape[:-1], -1, KV_BLOCK)
@@ -121,10 +122,9 @@ _E2M1_SCALED = _e2m1_scaled_pairs()  # 256 KiB; one lookup decodes and scales 2 
 def unpack_index_keys(store: Store) -> torch.Tensor:
     """Packed e2m1 pairs + e8m0 scales -> bf16 keys ``[..., d]`` (exact: e2m1 times a power of two fits bf16)."""
     packed = store["q"]  # uint8 [..., d/2], 16 bytes per 32-value block
-    if packed.dim() == 3:
-        values = kernels.lookup_e2m1_pairs(packed, store["s"], _E2M1_SCALED)
-        if values is not None:
-            return values.view(torch.bfloat16).view(*packed.shape[:-1], -1)
+    values = kernels.lookup_e2m1_pairs(packed, store["s"], _E2M1_SCALED)  # None: no compiled kernels
+    if values is not None:
+        return values.view(torch.bfloat16).view(*packed.shape[:-1], -1)
     index = (store["s"].to(torch.int32) << 8).unsqueeze(-1) + packed.unflatten(-1, (-1, INDEX_BLOCK // 2))
     # index_select with int32 indices: a plain table lookup, faster than gather (int64 indices) or advanced indexing
     values = _E2M1_SCALED.to(packed.device).index_select(0, index.view(-1))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ DISABLE_ENV = "TDSEEK_NO_NUMBA"  # set to 1 to use the PyTorch path even when nu
 
 
 @functools.cache
-def _compiled() -> Any | None:
+def _compiled() -> dict[str, Callable[..., None]] | None:
     """The jitted kernels, or None when numba is missing or disabled (imported on first use: numba's import costs
     about half a second, which a plain ``import transformers_deepseek`` should not pay)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
@@ -86,11 +86,11 @@ def available() -> bool:
 def lookup_e2m1_pairs(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
     """``table[(scales[..., j // 16] << 8) | codes[..., j]]`` for uint8 ``codes [B, N, 16G]`` and ``scales [B, N, G]``
     (any strides) and an int32 ``table [65536]``: int32 ``[B, N, 16G]``. None when the kernels are unavailable."""
-    kernels = _compiled()
-    if kernels is None or codes.device.type != "cpu" or codes.dim() != 3:
+    compiled = _compiled()
+    if compiled is None or codes.device.type != "cpu" or codes.dim() != 3 or scales.dim() != 3:
         return None
     out = torch.empty(codes.shape, dtype=torch.int32)
-    kernels["e2m1_pairs"](codes.numpy(), scales.numpy(), table.numpy(), out.numpy())
+    compiled["e2m1_pairs"](codes.numpy(), scales.numpy(), table.numpy(), out.numpy())
     return out
 
 
@@ -105,8 +105,8 @@ def decode_e4m3_blocks(
     """``out[..., j] = values[codes[..., j]] * scale_values[scales[..., j // (D / G)]]`` into ``out`` (fp32, or bf16
     rounded to nearest even) for uint8 ``codes [..., N, D]``, ``scales [..., N, G]``; any strides. False (``out``
     untouched) when the kernels are unavailable or the tensors do not suit them."""
-    kernels = _compiled()
-    if kernels is None or codes.device.type != "cpu" or out.requires_grad or codes.dim() < 2:
+    compiled = _compiled()
+    if compiled is None or codes.device.type != "cpu" or out.requires_grad or codes.dim() < 2:
         return False
     if out.dtype not in (torch.float32, torch.bfloat16) or out.shape != codes.shape:
         return False
@@ -115,9 +115,9 @@ def decode_e4m3_blocks(
     except RuntimeError:  # leading dims not viewable as one: let the caller's PyTorch path handle it
         return False
     if out.dtype == torch.float32:
-        kernels["e4m3_blocks"](c.numpy(), s.numpy(), values.numpy(), scale_values.numpy(), o.numpy())
+        compiled["e4m3_blocks"](c.numpy(), s.numpy(), values.numpy(), scale_values.numpy(), o.numpy())
     else:
-        kernels["e4m3_blocks_bf16"](
+        compiled["e4m3_blocks_bf16"](
             c.numpy(), s.numpy(), values.numpy(), scale_values.numpy(), o.view(torch.uint16).numpy()
         )
     return True
