@@ -51,18 +51,19 @@ def pack_kv(kv: torch.Tensor, rope_dim: int) -> Store:
     return {"q": q.flatten(-2), "s": _e8m0(scale.squeeze(-1)), "rope": kv[..., -rope_dim:].to(torch.bfloat16)}
 
 
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # [256] fp32 per e4m3 byte
+_E8M0_VALUES = _from_e8m0(torch.arange(256, dtype=torch.uint8))  # [256] fp32 per e8m0 scale code
+
+
 def _e4m3_pairs() -> torch.Tensor:
     """int64 ``[65536]``: for two e4m3 bytes read as a little-endian int16 ``i``, their two values as fp32, at
     ``i + 32768``. A lookup (index_select with int32 indices) decodes two values; several times faster than CPU
     float8 conversion."""
     b = torch.arange(-(1 << 15), 1 << 15) & 0xFFFF
-    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    return torch.stack([e4m3[b & 0xFF], e4m3[b >> 8]], dim=-1).view(torch.int64).view(-1)
+    return torch.stack([_E4M3_VALUES[b & 0xFF], _E4M3_VALUES[b >> 8]], dim=-1).view(torch.int64).view(-1)
 
 
 _E4M3_PAIRS = _e4m3_pairs()  # 512 KiB
-_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # the compiled kernel's tables
-_E8M0_VALUES = _from_e8m0(torch.arange(256, dtype=torch.uint8))
 
 
 def unpack_kv(store: Store, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,7 +113,7 @@ def _e2m1_scaled_pairs() -> torch.Tensor:
     e8m0 scale, as two bf16 (the exact products ``bf16(value * scale)`` of decoding then scaling)."""
     b = torch.arange(256)
     pairs = torch.stack([_E2M1[b & 0xF], _E2M1[b >> 4]], dim=-1).to(torch.bfloat16)  # [256, 2]
-    scales = _from_e8m0(torch.arange(256, dtype=torch.uint8)).to(torch.bfloat16).view(256, 1, 1)
+    scales = _E8M0_VALUES.to(torch.bfloat16).view(256, 1, 1)
     return (pairs * scales).view(torch.int32).reshape(-1)
 
 

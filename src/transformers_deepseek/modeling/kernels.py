@@ -44,30 +44,31 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
                     for j in range(g * 16, g * 16 + 16):
                         out[b, t, j] = table[base | np.int32(codes[b, t, j])]
 
+    @numba.njit(cache=True, boundscheck=False, inline="always")
+    def e4m3_row(codes, scales, values, scale_values, out):  # pragma: no cover - compiled
+        # codes [D] uint8, scales [G] uint8 (D / G values per scale), values [256] fp32 (e4m3 table), scale_values
+        # [256] fp32 (e8m0 table), out [D] fp32: the products, exact in fp32
+        block = codes.shape[0] // scales.shape[0]
+        for g in range(scales.shape[0]):
+            s = scale_values[scales[g]]
+            for j in range(g * block, g * block + block):
+                out[j] = values[codes[j]] * s
+
     @numba.njit(cache=True, boundscheck=False)
     def e4m3_blocks(codes, scales, values, scale_values, out):  # pragma: no cover - compiled
-        # codes [B, N, D] uint8, scales [B, N, G] uint8 (D / G values per scale), values [256] fp32 (e4m3 table),
-        # scale_values [256] fp32 (e8m0 table), out [B, N, D] fp32: the products, exact in fp32
-        block = codes.shape[2] // scales.shape[2]
+        # e4m3_row over [B, N] rows; out [B, N, D] fp32
         for b in range(codes.shape[0]):
             for t in range(codes.shape[1]):
-                for g in range(scales.shape[2]):
-                    s = scale_values[scales[b, t, g]]
-                    for j in range(g * block, g * block + block):
-                        out[b, t, j] = values[codes[b, t, j]] * s
+                e4m3_row(codes[b, t], scales[b, t], values, scale_values, out[b, t])
 
     @numba.njit(cache=True, boundscheck=False)
     def e4m3_blocks_bf16(codes, scales, values, scale_values, out):  # pragma: no cover - compiled
-        # as e4m3_blocks, out [B, N, D] uint16: the products rounded to bf16 (nearest even)
-        block = codes.shape[2] // scales.shape[2]
+        # e4m3_row over [B, N] rows, rounded to bf16 (nearest even) into out [B, N, D] uint16
         row = np.empty(codes.shape[2], dtype=np.float32)
         bits = row.view(np.uint32)
         for b in range(codes.shape[0]):
             for t in range(codes.shape[1]):
-                for g in range(scales.shape[2]):
-                    s = scale_values[scales[b, t, g]]
-                    for j in range(g * block, g * block + block):
-                        row[j] = values[codes[b, t, j]] * s
+                e4m3_row(codes[b, t], scales[b, t], values, scale_values, row)
                 for j in range(codes.shape[2]):
                     u = bits[j]
                     if (u & 0x7FFFFFFF) > 0x7F800000:  # NaN: 0xFFFF, as ATen's vectorized conversion
@@ -84,13 +85,18 @@ def available() -> bool:
 
 
 def lookup_e2m1_pairs(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
-    """``table[(scales[..., j // 16] << 8) | codes[..., j]]`` for uint8 ``codes [B, N, 16G]`` and ``scales [B, N, G]``
-    (any strides) and an int32 ``table [65536]``: int32 ``[B, N, 16G]``. None when the kernels are unavailable."""
+    """``table[(scales[..., j // 16] << 8) | codes[..., j]]`` for uint8 ``codes [..., N, 16G]`` and ``scales [..., N,
+    G]`` (any strides) and an int32 ``table [65536]``: int32 ``[..., N, 16G]``. None when the kernels are unavailable
+    or the tensors do not suit them."""
     compiled = _compiled()
-    if compiled is None or codes.device.type != "cpu" or codes.dim() != 3 or scales.dim() != 3:
+    if compiled is None or codes.device.type != "cpu" or codes.dim() < 2:
+        return None
+    try:
+        c, s = _rows3(codes), _rows3(scales)
+    except RuntimeError:  # leading dims not viewable as one: let the caller's PyTorch path handle it
         return None
     out = torch.empty(codes.shape, dtype=torch.int32)
-    compiled["e2m1_pairs"](codes.numpy(), scales.numpy(), table.numpy(), out.numpy())
+    compiled["e2m1_pairs"](c.numpy(), s.numpy(), table.numpy(), _rows3(out).numpy())
     return out
 
 

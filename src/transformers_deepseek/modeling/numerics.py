@@ -249,10 +249,9 @@ def topk_indices(scores: torch.Tensor, k: int, batch_invariant: bool = True) -> 
     if not batch_invariant:
         return scores.topk(k, dim=-1).indices
     n = scores.shape[-1]
-    if scores.element_size() == 2 and n <= 1 << 16:  # 16-bit key and 16-bit index fit one int32 (half the traffic)
-        index = torch.arange(n, device=scores.device, dtype=torch.int32)
-        keys = (_order_preserving_int(scores, torch.int32) << 16) | ((1 << 16) - 1 - index)
-        return keys.topk(k, dim=-1).indices
-    index = torch.arange(n, device=scores.device, dtype=torch.int64)
-    keys = _order_preserving_int(scores) * (1 << 32) + ((1 << 32) - 1 - index)
+    # key = order bits above (reversed) index bits: a 16-bit float and at most 2^16 indices fit one int32 (half the
+    # traffic of int64)
+    dtype, shift = (torch.int32, 16) if scores.element_size() == 2 and n <= 1 << 16 else (torch.int64, 32)
+    index = torch.arange(n, device=scores.device, dtype=dtype)
+    keys = (_order_preserving_int(scores, dtype) << shift) | ((1 << shift) - 1 - index)
     return keys.topk(k, dim=-1).indices
