@@ -106,3 +106,22 @@ def test_e4m3_decode_of_gathered_and_strided_stores(numba_kernels, monkeypatch):
         fast = unpack_kv(s)
         assert torch.equal(fast, _torch_path(monkeypatch, unpack_kv, s))
     assert torch.equal(unpack_kv(store), kv)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16, 400])
+def test_sinkhorn_kernel_matches_the_torch_and_numpy_loops(numba_kernels, monkeypatch, tokens):
+    """The compiled Sinkhorn normalisation gives the matrices of the eager loops (numpy for a few tokens, torch for
+    many) bit for bit, over logits from near-uniform to dominated by one entry (sums that round)."""
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import sinkhorn_split
+
+    gen = torch.Generator().manual_seed(tokens)
+    hc = 4
+    spread = torch.logspace(-3, 1.5, tokens).view(1, tokens, 1)
+    mixes = torch.randn(1, tokens, (2 + hc) * hc, generator=gen) * spread
+    scale, base = torch.rand(3, generator=gen) * 2, torch.randn((2 + hc) * hc, generator=gen)
+    fast = sinkhorn_split(mixes, scale, base, hc, 20, 1e-6)
+    slow = _torch_path(monkeypatch, sinkhorn_split, mixes, scale, base, hc, 20, 1e-6)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    comb = fast[2].double()
+    assert torch.allclose(comb.sum(-2), torch.ones(1, tokens, hc, dtype=torch.float64), atol=1e-5)  # normalised

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from . import kernels
 from .cache_deepseek_v4 import (
     ChunkView,
     DeepseekV4Cache,
@@ -123,6 +124,8 @@ def sinkhorn_split(
     # Kernel softmax spelled out (exp(x - max) / sum): torch.softmax rounds differently in the last fp32 bit, which
     # flips bf16 roundings of the streams downstream; this form reproduces the official streams bit for bit.
     comb = pointwise(torch.exp, comb - comb.amax(-1, keepdim=True), batch_invariant)
+    if not comb.requires_grad and kernels.sinkhorn_normalize(comb, iters, eps):  # comb is fresh: in place
+        return pre, post, comb
     comb = comb / comb.sum(-1, keepdim=True) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     if comb.requires_grad:
