@@ -6,9 +6,11 @@ Per layer it keeps:
   one ue8m0 scale per 64 values, rope dims bf16 - lossless, since the model already rounds them so (SPEC §5.4);
 * compressed entries (ratio > 0): same storage, one entry per ``ratio`` positions (SPEC §5.5);
 * indexer keys (ratio 4): e2m1 pairs packed in a byte + one ue8m0 scale per 32 values (SPEC §5.7);
-* the compressors' raw fp32 rows (projected KV and gate scores with the position bias) of the last
-  ``coff * ratio + max_crop`` positions: the unfinished block, the previous block the overlapping compressor
-  pools from, and enough history to ``crop``.
+* the compressors' input rows (the normed hidden states, shared by the layer's KV and indexer compressors) of the
+  last ``coff * ratio + max_crop`` positions: the unfinished block, the previous block the overlapping compressor
+  pools from, and enough history to ``crop``. A block's rows are projected when it completes. (With
+  ``batch_invariant=False`` each compressor keeps its rows projected on arrival, fp32 KV and gate scores, as the
+  official decode path computes them.)
 
 Buffers are right-aligned per row: slot ``j`` of a buffer of ``T`` slots holds position ``length[b] - T + j`` of
 row ``b`` (invalid when negative), so rows of a left-padded batch share every tensor while keeping their own
@@ -208,7 +210,7 @@ class DeepseekV4CacheLayer:
         self.rope_dim = rope_dim
         self.tail_cap = ((2 if ratio == 4 else 1) * ratio + max_crop) if ratio else 0
         self.window: Store | None = None  # packed KV, [B, T, ...]
-        self.tails: dict[str, Store] = {}  # compressor name -> {"kv", "score"} fp32 [B, T, w]
+        self.tails: dict[str, Store] = {}  # "rows": {"x" [B, T, dim]}, or per compressor {"kv", "score"} fp32
         self.entries: dict[str, Store] = {}  # "kv" (packed KV) / "index" (packed FP4 keys), [B, N_cap, ...]
 
     # -- sizes -----------------------------------------------------------------------------------------------
@@ -217,10 +219,6 @@ class DeepseekV4CacheLayer:
 
     def tail(self, name: str) -> Store | None:
         return self.tails.get(name)
-
-    def tail_len(self, name: str) -> int:
-        t = self.tails.get(name)
-        return 0 if t is None else t["kv"].shape[1]
 
     def entry_capacity(self, name: str) -> int:
         e = self.entries.get(name)

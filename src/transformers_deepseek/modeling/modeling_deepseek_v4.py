@@ -290,6 +290,30 @@ class ChunkState:
         return cls(positions, zeros, (positions >= 0).sum(1))
 
 
+@dataclass
+class CompressorRows:
+    """The raw rows a layer's compressors pool (the attention's and the indexer's read the same ones): the cached rows
+    of unfinished blocks, then the chunk's, ``[B, prev + S, dim]`` in the input dtype, and their :class:`ChunkView`.
+
+    Rows are kept unprojected: a compressor projects a block's rows when the block completes (one decode step in
+    ``ratio``) instead of one row per step."""
+
+    rows: torch.Tensor
+    view: ChunkView
+
+    @classmethod
+    def of(cls, x: torch.Tensor, chunk: ChunkState, cache: DeepseekV4CacheLayer | None) -> CompressorRows:
+        """The rows of chunk ``x [B, S, dim]`` after the cached ones; updates the cache's buffer of recent rows."""
+        tail = cache.tail("rows") if cache is not None else None
+        prev = 0 if tail is None else tail["x"].shape[1]
+        view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
+        rows = x if tail is None else torch.cat([tail["x"], x], dim=1)
+        if cache is not None:
+            keep = min(cache.tail_cap, prev + x.shape[1])
+            cache.set_tail("rows", view.keep_last({"x": rows}, chunk.new_len, keep))
+        return cls(rows, view)
+
+
 class DeepseekV4Compressor(nn.Module):
     """Gated pooling of every ``ratio`` consecutive positions into one KV entry (SPEC §4).
 
@@ -315,43 +339,68 @@ class DeepseekV4Compressor(nn.Module):
         self.norm = DeepseekV4RMSNorm(head_dim, config.rms_norm_eps, config.batch_invariant)
 
     def forward(
-        self, x: torch.Tensor, chunk: ChunkState, inv_freq: torch.Tensor, cache: DeepseekV4CacheLayer | None, name: str
+        self,
+        x: torch.Tensor,
+        chunk: ChunkState,
+        inv_freq: torch.Tensor,
+        cache: DeepseekV4CacheLayer | None = None,
+        name: str = "kv",
+        src: CompressorRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entries completed by this chunk: ``(entries [B, nb, d] bf16, first entry index [B], count [B])``.
+        """Entries completed by chunk ``x [B, S, dim]``: ``(entries [B, nb, d] bf16, first entry index [B], count
+        [B])``.
 
-        With a cache layer the raw rows of unfinished blocks are kept in (and read from) it under ``name``.
-        """
+        With ``src`` (:meth:`CompressorRows.of`, batch-invariant kernels) the blocks are pooled from its raw rows,
+        projected when their block completes. Without it each chunk's rows are projected as they arrive, as the
+        official code does (its one-row decode GEMMs round as ours do with ``batch_invariant=False``), and the
+        cache layer keeps the projections under ``name``."""
         ratio, d = self.ratio, self.head_dim
-        xf = x.float()
-        rows = {
-            "kv": linear(xf, self.wkv.weight.float(), self.batch_invariant),  # [B, S, w]
-            "score": linear(xf, self.wgate.weight.float(), self.batch_invariant)
-            + self.ape[chunk.positions.clamp(min=0) % ratio],
-        }
-        tail = cache.tail(name) if cache is not None else None
-        prev = 0 if tail is None else tail["kv"].shape[1]
-        view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
-        combined = rows if tail is None else {k: torch.cat([tail[k], rows[k]], dim=1) for k in rows}
+        if src is None:
+            rows = self._project(x)
+            tail = cache.tail(name) if cache is not None else None
+            prev = 0 if tail is None else tail["kv"].shape[1]
+            view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
+            if tail is not None:
+                rows = {k: torch.cat([tail[k], rows[k]], dim=1) for k in rows}
+            if cache is not None:
+                cache.set_tail(name, view.keep_last(rows, chunk.new_len, min(cache.tail_cap, prev + x.shape[1])))
+        else:
+            view = src.view
         first, count = chunk.old_len // ratio, chunk.new_len // ratio - chunk.old_len // ratio
         nb = int(count.max())
-        if cache is not None:
-            cache.set_tail(name, view.keep_last(combined, chunk.new_len, min(cache.tail_cap, prev + x.shape[1])))
-        if nb == 0:
+        if nb == 0:  # most decode steps: no block completes
             return x.new_zeros(x.shape[0], 0, d), first, count
-        blocks = first.unsqueeze(1) + torch.arange(nb, device=x.device)  # [B, nb]
+        blocks = first.unsqueeze(1) + torch.arange(nb, device=first.device)  # [B, nb]
         span = 2 * ratio if self.overlap else ratio
-        pos = (blocks * ratio - (ratio if self.overlap else 0)).unsqueeze(-1) + torch.arange(span, device=x.device)
+        pos = (blocks * ratio - (ratio if self.overlap else 0)).unsqueeze(-1) + torch.arange(span, device=first.device)
         slots = view.slot(pos)  # [B, nb, span]; -1 = before position 0 (no previous block)
-        g = _take(combined, slots)
-        missing = (slots < 0).unsqueeze(-1)
-        kv, score = g["kv"].masked_fill(missing, 0.0), g["score"].masked_fill(missing, float("-inf"))
+        missing = slots < 0
+        lo = 0
+        if src is not None:
+            # Project the rows from the first one a block reads (a decode step: the `span` rows of its block). A row's
+            # fp32 projection does not depend on the rows computed with it (batch-invariant GEMM): the values are
+            # those of projecting every row as it arrives.
+            lo = int(slots.masked_fill(missing, src.rows.shape[1]).min())
+            rows = self._project(src.rows[:, lo:])
+        g = _take(rows, slots - lo)  # missing slots are clamped: masked below
+        kv = g["kv"].masked_fill(missing.unsqueeze(-1), 0.0)
+        score = (g["score"] + self.ape[pos.clamp(min=0) % ratio]).masked_fill(missing.unsqueeze(-1), float("-inf"))
         if self.overlap:  # previous block's first-half channels, then this block's second-half channels
             kv = torch.cat([kv[:, :, :ratio, :d], kv[:, :, ratio:, d:]], dim=2)
             score = torch.cat([score[:, :, :ratio, :d], score[:, :, ratio:, d:]], dim=2)
         pooled = (kv * score.softmax(dim=2)).sum(dim=2)  # [B, nb, d] fp32
         # Rows of a padded batch complete fewer blocks: their surplus slots (all -inf scores) are zeroed, not NaN.
-        pooled = pooled.masked_fill((torch.arange(nb, device=x.device) >= count.unsqueeze(1)).unsqueeze(-1), 0.0)
+        pooled = pooled.masked_fill((torch.arange(nb, device=first.device) >= count.unsqueeze(1)).unsqueeze(-1), 0.0)
         return self.finish(pooled.to(x.dtype), blocks * ratio, inv_freq), first, count
+
+    def _project(self, x: torch.Tensor) -> Store:
+        """KV and gate-score rows ``[B, T, w]`` fp32 of input rows ``x [B, T, dim]`` (the position bias ``ape`` is
+        added to the gathered scores)."""
+        xf = x.float()
+        return {
+            "kv": linear(xf, self.wkv.weight.float(), self.batch_invariant),
+            "score": linear(xf, self.wgate.weight.float(), self.batch_invariant),
+        }
 
     def finish(self, pooled: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
         """Norm, RoPE at ``positions [B, n]`` and the low-precision simulation of pooled bf16 entries ``[B, n, d]``."""
@@ -429,10 +478,12 @@ class DeepseekV4Indexer(nn.Module):
         cis: torch.Tensor,
         inv_freq: torch.Tensor,
         cache: DeepseekV4CacheLayer | None = None,
+        src: CompressorRows | None = None,
     ) -> torch.Tensor:
         """Top-k compressed-entry ids per query ``[B, S, min(topk, n)]``, ``-1`` where the query cannot see the
-        entry yet (SPEC §4 Indexer); ``n`` = complete entries of the longest row."""
-        new, first, count = self.compressor(x, chunk, inv_freq, cache, "index")
+        entry yet (SPEC §4 Indexer); ``n`` = complete entries of the longest row. ``src``: the raw rows the layer's
+        compressors share (see :meth:`DeepseekV4Compressor.forward`)."""
+        new, first, count = self.compressor(x, chunk, inv_freq, cache, "index", src)
         n = int((chunk.new_len // self.ratio).max())
         keys = lambda a, b: new[:, a:b]  # noqa: E731  (no cache: this chunk's entries are all there is)
         if cache is not None:
@@ -591,10 +642,12 @@ class DeepseekV4Attention(nn.Module):
             cache.set_window(view.keep_last(packed, chunk.new_len, min(cache.window_cap, prev + seqlen)))
 
         if self.ratio:
-            new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv")
+            # raw rows shared by the layer's compressors (batch-invariant kernels; see DeepseekV4Compressor.forward)
+            src = CompressorRows.of(x, chunk, cache) if self.batch_invariant else None
+            new, first, count = self.compressor(x, chunk, inv_freq, cache, "kv", src)
             gather = _entries(new, first, count, cache, "kv", lambda t: pack_kv(t, rd), unpack_kv)
             if self.indexer is not None:
-                picked = self.indexer(x, qr, chunk, cis, inv_freq, cache)
+                picked = self.indexer(x, qr, chunk, cis, inv_freq, cache, src)
             else:
                 n = int((chunk.new_len // self.ratio).max())
                 visible = (positions + 1) // self.ratio
