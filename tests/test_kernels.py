@@ -125,3 +125,36 @@ def test_sinkhorn_kernel_matches_the_torch_and_numpy_loops(numba_kernels, monkey
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     comb = fast[2].double()
     assert torch.allclose(comb.sum(-2), torch.ones(1, tokens, hc, dtype=torch.float64), atol=1e-5)  # normalised
+
+
+@pytest.mark.parametrize(("bsz", "seqlen", "entries", "key_slice"), [(1, 1, 4096, 8192), (2, 5, 3000, 1024)])
+def test_fused_indexer_keys_select_what_the_torch_scores_select(
+    numba_kernels, monkeypatch, bsz, seqlen, entries, key_slice
+):
+    """The indexer's top-k from the fused score-to-key kernel equals the torch path's (relu, weight, bf16 sum over
+    heads, mask, keys): decode (one query), a chunk of queries that cannot see every entry, key slices with
+    offsets. Scores are made to tie (coarse queries and keys) so that the order and index bits both matter."""
+    from transformers_deepseek import DeepseekV4Config
+    from transformers_deepseek.modeling import modeling_deepseek_v4
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import DeepseekV4Indexer
+
+    monkeypatch.setattr(modeling_deepseek_v4, "_INDEX_KEY_SLICE", key_slice)
+    gen = torch.Generator().manual_seed(entries)
+    config = DeepseekV4Config(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_hash_layers=0, compress_ratios=[0, 4, 0],
+        index_n_heads=8, index_head_dim=32, index_topk=512, q_lora_rank=32, qk_rope_head_dim=16, head_dim=80,
+    )  # fmt: skip
+    indexer = DeepseekV4Indexer(config, 4).to(torch.bfloat16)
+    torch.nn.init.normal_(indexer.weights_proj.weight, std=1.0, generator=gen)
+    x = torch.randn(bsz, seqlen, 64, generator=gen).bfloat16()
+    q = torch.randint(-2, 3, (bsz, seqlen, 8, 32), generator=gen).bfloat16() * 0.5
+    keys = torch.randint(-3, 4, (bsz, entries, 32), generator=gen).bfloat16() * 0.25
+    # decode: the query sees every entry; a chunk: the first query sees 100 entries (fewer than k), the last all
+    first = 399 if seqlen > 1 else 4 * entries - 1
+    positions = torch.linspace(first, 4 * entries - 1, seqlen).long().expand(bsz, seqlen)
+    with torch.no_grad():
+        fast = indexer.select(x, q, lambda a, b: keys[:, a:b], positions, entries)
+        slow = _torch_path(monkeypatch, indexer.select, x, q, lambda a, b: keys[:, a:b], positions, entries)
+    assert fast.shape == (bsz, seqlen, 512)
+    assert torch.equal(fast, slow)
+    assert bool((fast == -1).any()) == (seqlen > 1)  # the chunk's first queries pick every entry they see, then -1

@@ -107,11 +107,51 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
                     for i in range(n):
                         c[i, j] /= s
 
+    @numba.njit(cache=True, boundscheck=False)
+    def index_score_keys(scores, weights, visible, first, keys):  # pragma: no cover - compiled
+        # scores [B, S, H, N] uint16 (bf16 bits of a slice of keys starting at entry `first`), weights [B, S, H] fp32
+        # (bf16 values), visible [B, S] int64, keys [B, S, N] int32 out. Per entry: relu, times the head's weight
+        # rounded to bf16, summed over heads in fp32 from zero, rounded to bf16 (nearest even), -inf at entries >=
+        # visible; the key is the score's order bits above the reversed entry index. Each pass is a loop over the
+        # N entries (vectorised); the bf16 <-> fp32 reinterpretations go through the two scratch rows.
+        n = scores.shape[3]
+        tmp_u = np.empty(n, dtype=np.uint32)
+        tmp_f = tmp_u.view(np.float32)
+        acc_f = np.empty(n, dtype=np.float32)
+        acc_u = acc_f.view(np.uint32)
+        half, low, one, zero = np.uint32(0x7FFF), np.uint32(16), np.uint32(1), np.float32(0.0)
+        for b in range(scores.shape[0]):
+            for s in range(scores.shape[1]):
+                acc_f[:] = zero
+                for h in range(scores.shape[2]):
+                    w = weights[b, s, h]
+                    row = scores[b, s, h]
+                    for j in range(n):
+                        tmp_u[j] = np.uint32(row[j]) << low
+                    for j in range(n):
+                        v = tmp_f[j]
+                        tmp_f[j] = (v if v > zero else zero) * w  # exact: a product of two bf16 values
+                    for j in range(n):
+                        u = tmp_u[j]
+                        tmp_u[j] = ((u + half + ((u >> low) & one)) >> low) << low
+                    for j in range(n):
+                        acc_f[j] += tmp_f[j]
+                vis = visible[b, s]
+                out = keys[b, s]
+                for j in range(n):
+                    u = acc_u[j]
+                    bits = np.int32((u + half + ((u >> low) & one)) >> low)
+                    bits = np.int32(0xFF80) if first + j >= vis else bits  # -inf
+                    signed = bits - np.int32(0x10000) if bits >= np.int32(0x8000) else bits
+                    order = signed ^ np.int32(0x7FFF) if signed < np.int32(0) else signed
+                    out[j] = (order << np.int32(16)) | (np.int32(0xFFFF) - np.int32(first + j))
+
     return {
         "e2m1_pairs": e2m1_pairs,
         "e4m3_blocks": e4m3_blocks,
         "e4m3_blocks_bf16": e4m3_blocks_bf16,
         "sinkhorn": sinkhorn,
+        "index_score_keys": index_score_keys,
     }
 
 
@@ -177,4 +217,23 @@ def sinkhorn_normalize(comb: torch.Tensor, iters: int, eps: float) -> bool:
     import numpy as np
 
     compiled["sinkhorn"](comb.view(-1, *comb.shape[-2:]).numpy(), iters, np.float32(eps))
+    return True
+
+
+def index_score_keys(
+    scores: torch.Tensor, weights: torch.Tensor, visible: torch.Tensor, first: int, out: torch.Tensor
+) -> bool:
+    """The indexer's top-k keys of a slice of entries ``first ..``, fused: from bf16 ``scores [B, S, H, N]`` (query
+    heads x entries) and ``weights [B, S, H]``, int32 ``out [B, S, N]`` = order bits of ``sum_h bf16(relu(scores) *
+    weights)`` (bf16; -inf at entries ``>= visible [B, S]``) above the reversed entry index, as
+    ``numerics.topk_indices`` builds them from the same score. Entry indices must stay below 2^16. False (``out``
+    untouched) when the kernels are unavailable or the tensors do not suit them."""
+    compiled = _compiled()
+    if compiled is None or scores.device.type != "cpu" or scores.requires_grad or scores.dtype != torch.bfloat16:
+        return False
+    if scores.dim() != 4 or out.dtype != torch.int32 or first + scores.shape[-1] > 1 << 16:
+        return False
+    compiled["index_score_keys"](
+        scores.view(torch.uint16).numpy(), weights.float().numpy(), visible.numpy(), first, out.numpy()
+    )
     return True

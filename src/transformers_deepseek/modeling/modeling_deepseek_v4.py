@@ -517,6 +517,9 @@ class DeepseekV4Indexer(nn.Module):
         if seqlen > chunk:  # several query chunks (a prefill): get the keys once, not once per query chunk
             every_key = keys(0, n)
             keys = lambda a, b: every_key[:, a:b]  # noqa: E731
+        # Compiled kernels: each slice's scores go straight to the top-k keys (kernels.index_score_keys)
+        fused = self.batch_invariant and q.dtype == torch.bfloat16 and n <= 1 << 16 and not q.requires_grad
+        fused = fused and kernels.available()
         out = []
         for s0 in range(0, seqlen, chunk):
             # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n] in the official layout: the sum over heads runs over a
@@ -524,16 +527,22 @@ class DeepseekV4Indexer(nn.Module):
             # copy them), a slice at a time, each scored while it is in cache.
             qc = q[:, s0 : s0 + chunk]
             qf, w = qc.flatten(1, 2), weights[:, s0 : s0 + chunk].unsqueeze(-1)
-            parts = []
-            for k0 in range(0, n, _INDEX_KEY_SLICE):
-                part = torch.bmm(qf, keys(k0, min(n, k0 + _INDEX_KEY_SLICE)).transpose(1, 2))
-                part = part.unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
-                parts.append((part.relu_() * w).sum(dim=2))  # [B, s, slice] bf16
-            score = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
-            hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
-            score = score.masked_fill(hidden, float("-inf"))
-            top = topk_indices(score, k, self.batch_invariant)
+            parts = []
+            order = torch.empty(bsz, qc.shape[1], n, dtype=torch.int32, device=x.device) if fused else None
+            for k0 in range(0, n, _INDEX_KEY_SLICE):
+                k1 = min(n, k0 + _INDEX_KEY_SLICE)
+                part = torch.bmm(qf, keys(k0, k1).transpose(1, 2)).unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
+                if order is None:
+                    parts.append((part.relu_() * w).sum(dim=2))  # [B, s, slice] bf16
+                elif not kernels.index_score_keys(part, w[..., 0], visible, k0, order[..., k0:k1]):
+                    raise RuntimeError("index_score_keys refused the indexer scores")  # `fused` checks what it needs
+            if order is not None:
+                top = order.topk(k, dim=-1).indices
+            else:
+                score = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+                hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
+                top = topk_indices(score.masked_fill(hidden, float("-inf")), k, self.batch_invariant)
             out.append(torch.where(top >= visible.unsqueeze(-1), -1, top))
         return torch.cat(out, dim=1)
 
