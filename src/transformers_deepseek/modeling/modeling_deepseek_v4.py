@@ -49,7 +49,7 @@ KV_FP8_BLOCK = 64
 INDEXER_FP4_BLOCK = 32
 ATTN_INDEX_BLOCK = 64  # sparse_attn walks the index list in blocks of 64 with an online softmax
 _QUERY_CHUNK_ELEMS = 1 << 22  # bound on gathered-KV elements materialised per attention / indexer chunk
-_INDEX_KEY_SLICE = 8192  # indexer keys decoded and scored this many at a time (2 MiB of bf16)
+_INDEX_KEY_SLICE = 8192  # indexer keys decoded and scored about this many at a time (2 MiB of bf16)
 _SINKHORN_NUMPY_TOKENS = 16  # Sinkhorn iterations of at most this many tokens run in numpy (see sinkhorn_split)
 
 
@@ -520,6 +520,8 @@ class DeepseekV4Indexer(nn.Module):
         # Compiled kernels: each slice's scores go straight to the top-k keys (kernels.index_score_keys)
         fused = self.batch_invariant and q.dtype == torch.bfloat16 and n <= 1 << 16 and not q.requires_grad
         fused = fused and kernels.available()
+        # equal slices of about _INDEX_KEY_SLICE keys (no short last slice paying a slice's fixed cost)
+        key_slice = -(-n // max(1, round(n / _INDEX_KEY_SLICE)))
         out = []
         for s0 in range(0, seqlen, chunk):
             # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n] in the official layout: the sum over heads runs over a
@@ -530,8 +532,8 @@ class DeepseekV4Indexer(nn.Module):
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             parts = []
             order = torch.empty(bsz, qc.shape[1], n, dtype=torch.int32, device=x.device) if fused else None
-            for k0 in range(0, n, _INDEX_KEY_SLICE):
-                k1 = min(n, k0 + _INDEX_KEY_SLICE)
+            for k0 in range(0, n, key_slice):
+                k1 = min(n, k0 + key_slice)
                 part = torch.bmm(qf, keys(k0, k1).transpose(1, 2)).unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
                 if order is None:
                     parts.append((part.relu_() * w).sum(dim=2))  # [B, s, slice] bf16
