@@ -19,6 +19,7 @@ lengths. Compressed entries are left-aligned (entry ``i`` at index ``i``) and gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -122,10 +123,12 @@ def _e2m1_scaled_pairs() -> torch.Tensor:
 _E2M1_SCALED = _e2m1_scaled_pairs()  # 256 KiB; one lookup decodes and scales 2 values (decode reads every key)
 
 
-def unpack_index_keys(store: Store) -> torch.Tensor:
-    """Packed e2m1 pairs + e8m0 scales -> bf16 keys ``[..., d]`` (exact: e2m1 times a power of two fits bf16)."""
+def unpack_index_keys(store: Store, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed e2m1 pairs + e8m0 scales -> bf16 keys ``[..., d]`` (exact: e2m1 times a power of two fits bf16).
+
+    ``out``: an int32 ``[..., d/2]`` buffer the compiled kernel decodes into (the result is a view of it)."""
     packed = store["q"]  # uint8 [..., d/2], 16 bytes per 32-value block
-    values = kernels.lookup_e2m1_pairs(packed, store["s"], _E2M1_SCALED)  # None: no compiled kernels
+    values = kernels.lookup_e2m1_pairs(packed, store["s"], _E2M1_SCALED, out)  # None: no compiled kernels
     if values is not None:
         return values.view(torch.bfloat16).view(*packed.shape[:-1], -1)
     index = (store["s"].to(torch.int32) << 8).unsqueeze(-1) + packed.unflatten(-1, (-1, INDEX_BLOCK // 2))
@@ -212,6 +215,7 @@ class DeepseekV4CacheLayer:
         self.window: Store | None = None  # packed KV, [B, T, ...]
         self.tails: dict[str, Store] = {}  # "rows": {"x" [B, T, dim]}, or per compressor {"kv", "score"} fp32
         self.entries: dict[str, Store] = {}  # "kv" (packed KV) / "index" (packed FP4 keys), [B, N_cap, ...]
+        self.scratch: dict[str, torch.Tensor] = {}  # working buffers, shared by a cache's layers (not state)
 
     # -- sizes -----------------------------------------------------------------------------------------------
     def window_len(self) -> int:
@@ -229,6 +233,17 @@ class DeepseekV4CacheLayer:
             yield from self.window.values()
         for store in (*self.tails.values(), *self.entries.values()):
             yield from store.values()
+
+    def scratch_buffer(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A working buffer of ``shape`` reused from step to step (a decode step would otherwise allocate and free
+        megabytes per layer). Not cache state: not in ``nbytes``, not reordered; its contents are the caller's."""
+        need = math.prod(shape)
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != device:
+            buf = self.scratch[name] = torch.empty(need, dtype=dtype, device=device)
+        return buf[:need].view(shape)
 
     # -- updates (called by the attention layer) -------------------------------------------------------------
     def set_window(self, window: Store) -> None:
@@ -337,6 +352,7 @@ class DeepseekV4Cache(Cache):
         ]
         super().__init__(layers=layers)
         self.max_crop = max_crop
+        scratch: dict[str, torch.Tensor] = {}
         self.lengths: torch.Tensor | None = None  # [B] tokens seen per row (padding excluded)
         self.columns = 0  # input columns seen (padding included): what generate() calls the sequence length
         self._crop_budget = 0  # tokens crop() can still take back exactly
@@ -346,6 +362,8 @@ class DeepseekV4Cache(Cache):
             for r in config.compress_ratios[first : first + config.num_nextn_predict_layers]
         ]
         self.mtp_lengths: list[torch.Tensor | None] = [None] * len(self.mtp_layers)  # [B] per MTP block
+        for layer in (*self.layers, *self.mtp_layers):  # layers run one after the other: one set of buffers
+            layer.scratch = scratch
 
     # -- what generate() and users ask -----------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -160,10 +160,12 @@ def available() -> bool:
     return _compiled() is not None
 
 
-def lookup_e2m1_pairs(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+def lookup_e2m1_pairs(
+    codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``table[(scales[..., j // 16] << 8) | codes[..., j]]`` for uint8 ``codes [..., N, 16G]`` and ``scales [..., N,
-    G]`` (any strides) and an int32 ``table [65536]``: int32 ``[..., N, 16G]``. None when the kernels are unavailable
-    or the tensors do not suit them."""
+    G]`` (any strides) and an int32 ``table [65536]``: int32 ``[..., N, 16G]``, written into ``out`` when given (same
+    shape, int32). None when the kernels are unavailable or the tensors do not suit them."""
     compiled = _compiled()
     if compiled is None or codes.device.type != "cpu" or codes.dim() < 2:
         return None
@@ -171,7 +173,12 @@ def lookup_e2m1_pairs(codes: torch.Tensor, scales: torch.Tensor, table: torch.Te
         c, s = _rows3(codes), _rows3(scales)
     except RuntimeError:  # leading dims not viewable as one: let the caller's PyTorch path handle it
         return None
-    out = torch.empty(codes.shape, dtype=torch.int32)
+    if out is None:
+        out = torch.empty(codes.shape, dtype=torch.int32)
+    elif out.shape != codes.shape or out.dtype != torch.int32 or out.device.type != "cpu":
+        raise ValueError(
+            f"lookup_e2m1_pairs: `out` must be int32 {list(codes.shape)}, got {out.dtype} {list(out.shape)}"
+        )
     compiled["e2m1_pairs"](c.numpy(), s.numpy(), table.numpy(), _rows3(out).numpy())
     return out
 

@@ -488,9 +488,16 @@ class DeepseekV4Indexer(nn.Module):
         keys = lambda a, b: new[:, a:b]  # noqa: E731  (no cache: this chunk's entries are all there is)
         if cache is not None:
             cache.write_entries("index", new, pack_index_keys, first, count)
-            if n:  # stored keys, decoded a slice at a time inside select
+            if n:  # stored keys, decoded a slice at a time inside select (a decode step's slices into one buffer)
                 store = cache.entries["index"]
-                keys = lambda a, b: unpack_index_keys({k: v[:, a:b] for k, v in store.items()})  # noqa: E731
+
+                def keys(a: int, b: int) -> torch.Tensor:
+                    part = {k: v[:, a:b] for k, v in store.items()}
+                    if b - a > 2 * _INDEX_KEY_SLICE:  # all of a prefill's keys at once: no lasting buffer that big
+                        return unpack_index_keys(part)
+                    shape = part["q"].shape
+                    return unpack_index_keys(part, cache.scratch_buffer("index_keys", shape, torch.int32, x.device))
+
         return self.select(x, self.queries(qr, cis), keys, chunk.positions, n)
 
     def select(
