@@ -124,7 +124,7 @@ def sinkhorn_split(
     # Kernel softmax spelled out (exp(x - max) / sum): torch.softmax rounds differently in the last fp32 bit, which
     # flips bf16 roundings of the streams downstream; this form reproduces the official streams bit for bit.
     comb = pointwise(torch.exp, comb - comb.amax(-1, keepdim=True), batch_invariant)
-    if not comb.requires_grad and kernels.sinkhorn_normalize(comb, iters, eps):  # comb is fresh: in place
+    if kernels.sinkhorn_normalize(comb, iters, eps):  # comb is fresh: in place (not in an autograd graph)
         return pre, post, comb
     comb = comb / comb.sum(-1, keepdim=True) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
@@ -304,14 +304,24 @@ class CompressorRows:
     @classmethod
     def of(cls, x: torch.Tensor, chunk: ChunkState, cache: DeepseekV4CacheLayer | None) -> CompressorRows:
         """The rows of chunk ``x [B, S, dim]`` after the cached ones; updates the cache's buffer of recent rows."""
-        tail = cache.tail("rows") if cache is not None else None
-        prev = 0 if tail is None else tail["x"].shape[1]
-        view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
-        rows = x if tail is None else torch.cat([tail["x"], x], dim=1)
-        if cache is not None:
-            keep = min(cache.tail_cap, prev + x.shape[1])
-            cache.set_tail("rows", view.keep_last({"x": rows}, chunk.new_len, keep))
-        return cls(rows, view)
+        rows, view = _after_cached_rows({"x": x}, chunk, cache, "rows")
+        return cls(rows["x"], view)
+
+
+def _after_cached_rows(
+    rows: Store, chunk: ChunkState, cache: DeepseekV4CacheLayer | None, name: str
+) -> tuple[Store, ChunkView]:
+    """A chunk's compressor rows ``[B, S, ...]`` after those the cache keeps under ``name``, and their
+    :class:`ChunkView`; the cache then keeps the last ``tail_cap`` of them."""
+    tail = cache.tail(name) if cache is not None else None
+    prev = 0 if tail is None else next(iter(tail.values())).shape[1]
+    view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
+    if tail is not None:
+        rows = {k: torch.cat([tail[k], v], dim=1) for k, v in rows.items()}
+    if cache is not None:
+        keep = min(cache.tail_cap, prev + chunk.positions.shape[1])
+        cache.set_tail(name, view.keep_last(rows, chunk.new_len, keep))
+    return rows, view
 
 
 class DeepseekV4Compressor(nn.Module):
@@ -356,14 +366,7 @@ class DeepseekV4Compressor(nn.Module):
         cache layer keeps the projections under ``name``."""
         ratio, d = self.ratio, self.head_dim
         if src is None:
-            rows = self._project(x)
-            tail = cache.tail(name) if cache is not None else None
-            prev = 0 if tail is None else tail["kv"].shape[1]
-            view = ChunkView(chunk.positions, chunk.old_len, prev, chunk.dense)
-            if tail is not None:
-                rows = {k: torch.cat([tail[k], rows[k]], dim=1) for k in rows}
-            if cache is not None:
-                cache.set_tail(name, view.keep_last(rows, chunk.new_len, min(cache.tail_cap, prev + x.shape[1])))
+            rows, view = _after_cached_rows(self._project(x), chunk, cache, name)
         else:
             view = src.view
         first, count = chunk.old_len // ratio, chunk.new_len // ratio - chunk.old_len // ratio
