@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -64,6 +66,71 @@ def test_e2m1_lookup_of_a_strided_slice_of_a_batch(numba_kernels, monkeypatch):
     fast = unpack_index_keys(store)
     assert torch.equal(fast, _torch_path(monkeypatch, unpack_index_keys, store))
     assert torch.equal(fast[1], unpack_index_keys({k: v[1:2].contiguous() for k, v in store.items()})[0])
+
+
+@pytest.fixture(name="two_threads")
+def two_threads_fixture(numba_kernels) -> Iterator[None]:
+    """torch (hence the kernels) on two threads, with numba's threading layer able to use them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    layer = kernels._threading_layer()
+    if layer not in ("omp", "tbb"):
+        torch.set_num_threads(before)
+        if in_ci():
+            pytest.fail(f"numba's threading layer is {layer!r} on CI; the parallel kernels need omp or tbb")
+        pytest.skip(f"numba's threading layer is {layer!r}: the kernels stay on one thread")
+    yield
+    torch.set_num_threads(before)
+
+
+def _large_key_slices() -> dict[str, torch.Tensor]:
+    """Two rows of 3000 keys, sliced as a decode step reads them (not contiguous): 2 x 2500 x 128 decoded values,
+    above kernels.PARALLEL_MIN_VALUES."""
+    keys = torch.randn(2, 3000, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    store = {k: v[:, 300:2800] for k, v in pack_index_keys(keys).items()}
+    assert 2 * store["q"].numel() >= kernels.PARALLEL_MIN_VALUES and not store["q"].is_contiguous()
+    return store
+
+
+def test_e2m1_lookup_on_two_threads_gives_the_one_thread_bits(two_threads, monkeypatch):
+    store = _large_key_slices()
+    launched = []
+    compiled = kernels._compiled()
+    for name in ("e2m1_pairs", "e2m1_pairs_parallel"):
+        monkeypatch.setitem(compiled, name, lambda *a, _f=compiled[name], _n=name: (launched.append(_n), _f(*a)))
+    parallel = unpack_index_keys(store)
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "PARALLEL_MIN_VALUES", 1 << 40)
+        serial = unpack_index_keys(store)
+    assert launched == ["e2m1_pairs_parallel", "e2m1_pairs"]
+    assert torch.equal(parallel.view(torch.int16), serial.view(torch.int16))
+    assert torch.equal(parallel, _torch_path(monkeypatch, unpack_index_keys, store))
+
+
+def test_kernel_threads_follow_torch_and_the_size(two_threads):
+    big = kernels.PARALLEL_MIN_VALUES
+    assert kernels.parallel_threads(big) == 2
+    assert kernels.parallel_threads(big - 1) == 1  # a launch would cost more than it saves
+    torch.set_num_threads(1)  # the user's choice binds the kernels too
+    assert kernels.parallel_threads(big) == 1
+
+
+def _decode_in_child(store: dict[str, torch.Tensor], expected: bytes) -> None:
+    # compared as bytes: a torch op that would use torch's own OpenMP pool hangs in a forked child
+    got = unpack_index_keys(store).view(torch.int16).numpy().tobytes()
+    os._exit(0 if got == expected else 3)
+
+
+def test_a_forked_child_decodes_on_one_thread(two_threads):
+    """GNU OpenMP's thread pool does not survive fork: a child of a process that launched a parallel kernel must not
+    launch one (numba aborts the child), and still decodes the same values."""
+    store = _large_key_slices()
+    expected = unpack_index_keys(store).view(torch.int16).numpy().tobytes()  # the parent launches a parallel kernel
+    assert kernels.parallel_threads(2 * store["q"].numel()) == 2
+    child = multiprocessing.get_context("fork").Process(target=_decode_in_child, args=(store, expected))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
 
 
 def _every_e4m3_code_and_scale() -> dict[str, torch.Tensor]:

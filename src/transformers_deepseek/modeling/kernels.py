@@ -11,6 +11,10 @@ The hyper-connection Sinkhorn loop (SPEC §6) runs 2 * 20 normalisations of a 4 
 eager code ~60 calls of a few microseconds each, ten mixers per decoded token and layer pair. The kernel does the same
 fp32 sums (left to right) and divisions in one call.
 
+The indexer-key lookup, the one kernel whose size grows with the context, also runs on torch's thread count (numba's
+``omp`` or ``tbb`` threading layer) once it decodes at least :data:`PARALLEL_MIN_VALUES` values: each row is
+decoded by one thread, so the bits do not depend on the thread count.
+
 Installed with ``pip install transformers-deepseek[fast]``. Without numba, with ``TDSEEK_NO_NUMBA=1``, or for tensors
 the kernels do not take (not on the CPU, in an autograd graph), callers run their PyTorch path.
 """
@@ -38,15 +42,34 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
     except ImportError:
         return None
 
+    @numba.njit(cache=True, boundscheck=False, inline="always")
+    def e2m1_row(codes, scales, table, out):  # pragma: no cover - compiled
+        # codes [16 * G] uint8, scales [G] uint8, table [256 * 256] int32, out [16 * G] int32
+        for g in range(scales.shape[0]):
+            base = np.int32(scales[g]) << 8
+            for j in range(g * 16, g * 16 + 16):
+                out[j] = table[base | np.int32(codes[j])]
+
     @numba.njit(cache=True, boundscheck=False)
     def e2m1_pairs(codes, scales, table, out):  # pragma: no cover - compiled
-        # codes [B, N, 16 * G] uint8, scales [B, N, G] uint8, table [256 * 256] int32, out [B, N, 16 * G] int32
+        # e2m1_row over [B, N] rows: codes [B, N, 16 * G], scales [B, N, G], out [B, N, 16 * G]
         for b in range(codes.shape[0]):
             for t in range(codes.shape[1]):
-                for g in range(scales.shape[2]):
-                    base = np.int32(scales[b, t, g]) << 8
-                    for j in range(g * 16, g * 16 + 16):
-                        out[b, t, j] = table[base | np.int32(codes[b, t, j])]
+                e2m1_row(codes[b, t], scales[b, t], table, out[b, t])
+
+    @numba.njit(cache=True, boundscheck=False, parallel=True)
+    def e2m1_pairs_parallel(codes, scales, table, out):  # pragma: no cover - compiled
+        # e2m1_pairs with the rows shared out over numba's threads
+        rows = codes.shape[1]
+        for r in numba.prange(codes.shape[0] * rows):
+            b, t = r // rows, r % rows
+            e2m1_row(codes[b, t], scales[b, t], table, out[b, t])
+
+    @numba.njit(cache=True, parallel=True)
+    def parallel_probe(x):  # pragma: no cover - compiled
+        # a trivial parallel loop: launching it starts numba's threading layer, which can then be asked for its name
+        for i in numba.prange(x.shape[0]):
+            x[i] = i
 
     @numba.njit(cache=True, boundscheck=False, inline="always")
     def e4m3_row(codes, scales, values, scale_values, out):  # pragma: no cover - compiled
@@ -148,11 +171,53 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
 
     return {
         "e2m1_pairs": e2m1_pairs,
+        "e2m1_pairs_parallel": e2m1_pairs_parallel,
+        "parallel_probe": parallel_probe,
         "e4m3_blocks": e4m3_blocks,
         "e4m3_blocks_bf16": e4m3_blocks_bf16,
         "sinkhorn": sinkhorn,
         "index_score_keys": index_score_keys,
     }
+
+
+PARALLEL_MIN_VALUES = 1 << 18  # smaller kernels run on one thread: a parallel launch costs more than it saves
+_parallel_pid: int | None = None  # the process that first asked for threads (see parallel_threads)
+
+
+@functools.cache
+def _threading_layer() -> str | None:
+    """numba's threading layer ("omp", "tbb" or "workqueue"), started by a trivial parallel launch."""
+    compiled = _compiled()
+    if compiled is None:
+        return None
+    import numba
+    import numpy as np
+
+    compiled["parallel_probe"](np.zeros(2, dtype=np.int64))
+    return numba.threading_layer()
+
+
+def parallel_threads(values: int) -> int:
+    """Threads for a kernel that reads or writes ``values`` values: torch's intra-op thread count (so
+    ``torch.set_num_threads`` governs the kernels too) when there are at least :data:`PARALLEL_MIN_VALUES`, else 1.
+
+    Also 1 under numba's ``workqueue`` layer (measured slower than one thread here, and not safe to launch from
+    several threads at once) and in a process forked from the one that asked first (GNU OpenMP's threads do not
+    survive a fork)."""
+    global _parallel_pid
+    threads = torch.get_num_threads()
+    if values < PARALLEL_MIN_VALUES or threads < 2 or _compiled() is None:
+        return 1
+    if _parallel_pid is None:
+        _parallel_pid = os.getpid()
+    if _parallel_pid != os.getpid() or _threading_layer() not in ("omp", "tbb"):
+        return 1
+    import numba
+
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+    return threads
 
 
 def available() -> bool:
@@ -179,7 +244,8 @@ def lookup_e2m1_pairs(
         raise ValueError(
             f"lookup_e2m1_pairs: `out` must be int32 {list(codes.shape)}, got {out.dtype} {list(out.shape)}"
         )
-    compiled["e2m1_pairs"](c.numpy(), s.numpy(), table.numpy(), _rows3(out).numpy())
+    kernel = "e2m1_pairs_parallel" if parallel_threads(2 * c.numel()) > 1 else "e2m1_pairs"
+    compiled[kernel](c.numpy(), s.numpy(), table.numpy(), _rows3(out).numpy())
     return out
 
 
