@@ -205,8 +205,10 @@ def parallel_threads(values: int) -> int:
     several threads at once) and in a process forked from the one that asked first (GNU OpenMP's threads do not
     survive a fork)."""
     global _parallel_pid
+    if values < PARALLEL_MIN_VALUES:  # most calls of a decode step: decided before asking anything else
+        return 1
     threads = torch.get_num_threads()
-    if values < PARALLEL_MIN_VALUES or threads < 2 or _compiled() is None:
+    if threads < 2 or _compiled() is None:
         return 1
     if _parallel_pid is None:
         _parallel_pid = os.getpid()
