@@ -4,16 +4,18 @@ One random-weight bf16 model with the V4-Flash attention shape (head_dim 512, ro
 128, index_topk 512, the Flash layer pattern truncated to ``[0, 0, 4, 128, 4]`` + MTP) and a small trunk (hidden 256,
 4 heads, 8 experts of 128) is built by our package and saved in the released layout; native transformers loads that
 directory in processes that never import our package. Every phase runs in its own subprocess (peak RSS =
-``ru_maxrss`` of that phase), sequentially, with a wall-clock and an RSS limit; a phase that hits one is reported as
-"out of reach" with the limit.
+``ru_maxrss`` of that phase) with a wall-clock and an RSS limit; a phase that hits one is reported as "out of reach"
+with the limit.
 
-Phases: ``decode`` (reach each N, then time ``--steps`` single-token steps per N, median; ours runs every N in
-one process with the steps of the different N interleaved, so outside load hits them alike; native, whose 16K state
-fills most of this box, runs one process per N) and ``prefill N`` (one prefill of N tokens: time, peak RSS, cache
-bytes). Ours prefills in chunks of ``--chunk`` tokens (same results as one prefill). For ours, decode contexts above
-``--real-max`` start from a cache *sized* as at N tokens (a real 1024-token prefill whose compressed entries are tiled
-up to N / ratio, lengths set to N): decode cost depends on the state's sizes, not its values, and this avoids an O(N)
-prefill per point. Native always prefills for real.
+Phases: ``decode`` (reach each N, then time ``--steps`` single-token steps per N after ``--warmup`` untimed ones,
+median) and ``prefill N`` (one prefill of N tokens: time, peak RSS, cache bytes). Ours decodes every N in one
+process; native, whose 16K state fills most of this box, one process per N. Both decode workers stay up and take
+turns step by step (ours at every N, then native at its N, repeat), so that outside load on this noisy box hits both
+implementations and every length alike; the step ratio against native uses our steps from the same rounds
+("paired"). Prefills run one at a time. Ours prefills in chunks of ``--chunk`` tokens (same results as one
+prefill). For ours, decode contexts above ``--real-max`` start from a cache *sized* as at N tokens (a real 1024-token
+prefill whose compressed entries are tiled up to N / ratio, lengths set to N): decode cost depends on the state's
+sizes, not its values, and this avoids an O(N) prefill per point. Native always prefills for real.
 
 Usage: ``python bench/cache.py [--decode 1024 16384 65536] [--prefill 16384] [--long 131072] [--timeout 600]``.
 Run in the transformers 5.23 venv (native ``deepseek_v4``); other venvs run ours only.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -107,9 +110,9 @@ def _grow_to(cache, n: int) -> None:
 
 
 def worker(impl: str, phase: str, ns: list[int], ckpt: str, chunk: int, steps: int, real_max: int) -> list[dict]:
-    """One process: ``prefill`` one length, or ``decode`` at every length of ``ns`` with the timed steps of the
-    lengths interleaved (step at ns[0], step at ns[1], ..., repeat), so that load from outside hits every length
-    alike and their ratios hold on a noisy box."""
+    """One process: ``prefill`` one length, or ``decode``: reach every length of ``ns``, then serve timed single-token
+    steps on request (``step J`` on stdin -> ``T seconds`` on stdout, ``done`` ends) so that the driver can interleave
+    them with the steps of other lengths and of the other implementation. ``steps`` bounds the steps per length."""
     import torch
 
     torch.manual_seed(0)
@@ -159,18 +162,19 @@ def worker(impl: str, phase: str, ns: list[int], ckpt: str, chunk: int, steps: i
             outs.append(out)
             caches.append(cache)
         if phase == "decode":
-            times: list[list[float]] = [[] for _ in ns]
-            for i in range(steps):
-                for j, n in enumerate(ns):
-                    tok = ids[:, n + i : n + i + 1]
-                    t0 = time.perf_counter()
-                    model(tok, past_key_values=caches[j], use_cache=True)
-                    times[j].append(time.perf_counter() - t0)
-            for out, ts in zip(outs, times, strict=True):
-                out["step_s"] = sorted(ts)[len(ts) // 2]
-                out["step_min_s"] = min(ts)
-                out["steps_s"] = ts
-                out["interleaved_with"] = ns
+            print("READY", flush=True)
+            done = [0] * len(ns)
+            for line in sys.stdin:
+                if line.strip() == "done":
+                    break
+                j = int(line.split()[1])
+                if done[j] == steps:
+                    raise SystemExit(f"more than {steps} steps asked at {ns[j]}")
+                tok = ids[:, ns[j] + done[j] : ns[j] + done[j] + 1]
+                t0 = time.perf_counter()
+                model(tok, past_key_values=caches[j], use_cache=True)
+                print(f"T {time.perf_counter() - t0!r}", flush=True)
+                done[j] += 1
     for out in outs:
         out["peak_rss"] = _peak_rss()
     return outs
@@ -190,41 +194,158 @@ def _rss_of(pid: int) -> int:
     return 0
 
 
-def run_phase(args, impl: str, phase: str, ns: list[int], ckpt: Path) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", impl, phase, ",".join(map(str, ns)), str(ckpt),
-           "--chunk", str(args.chunk), "--steps", str(args.steps), "--real-max", str(args.real_max)]  # fmt: skip
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    reason: list[str] = []
+class Phase:
+    """One worker process under the wall-clock and RSS limits. A ``decode`` worker serves timed steps on request."""
 
-    def watch() -> None:  # RSS limit: kill the phase before it takes the box down
-        while proc.poll() is None:
-            if _rss_of(proc.pid) > args.max_rss_gb * 2**30:
-                reason.append(f"RSS > {args.max_rss_gb} GB")
-                proc.kill()
-            time.sleep(0.5)
+    def __init__(self, args, impl: str, phase: str, ns: list[int], ckpt: Path, steps: int, timeout: float) -> None:
+        cmd = [sys.executable, __file__, "--worker", impl, phase, ",".join(map(str, ns)), str(ckpt),
+               "--chunk", str(args.chunk), "--steps", str(steps), "--real-max", str(args.real_max)]  # fmt: skip
+        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+        self.impl, self.phase, self.ns, self.t0 = impl, phase, ns, time.time()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.reason: list[str] = []
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        self.result: list[dict] | None = None
+        self.ended = False  # the worker's stdout is closed
 
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        stdout, stderr = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        reason.append(f"> {args.timeout:.0f} s")
-    wall = time.time() - t0
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            res = json.loads(line[7:])
-            for r in res:
+        def watch() -> None:  # kill the phase before it takes the box down, or when it runs out of time
+            while self.proc.poll() is None:
+                if _rss_of(self.proc.pid) > args.max_rss_gb * 2**30:
+                    self.reason.append(f"RSS > {args.max_rss_gb} GB")
+                    self.proc.kill()
+                elif time.time() - self.t0 > timeout:
+                    self.reason.append(f"> {timeout:.0f} s")
+                    self.proc.kill()
+                time.sleep(0.5)
+
+        def read_stdout() -> None:
+            for line in self.proc.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        def read_stderr() -> None:
+            self.stderr.extend(self.proc.stderr)
+
+        for target in (watch, read_stdout, read_stderr):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _reply(self, prefix: str) -> str | None:
+        """The next line the worker prints that starts with ``prefix`` (``None`` once it has exited)."""
+        while not self.ended:
+            line = self.lines.get()
+            if line is None:
+                self.ended = True
+            elif line.startswith("RESULT "):
+                self.result = json.loads(line[7:])
+            if line is not None and line.startswith(prefix):
+                return line
+        return None
+
+    def ready(self) -> bool:
+        return self._reply("READY") is not None
+
+    def step(self, j: int) -> float | None:
+        """Time of one decode step of the worker's ``j``-th length (``None`` if the worker is gone)."""
+        try:
+            self.proc.stdin.write(f"step {j}\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        line = self._reply("T ")
+        return float(line[2:]) if line else None
+
+    def finish(self) -> list[dict]:
+        try:
+            if self.phase == "decode":
+                self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        if self.result is None:
+            self._reply("RESULT ")
+        self.proc.wait()
+        wall = time.time() - self.t0
+        if self.result is not None:
+            for r in self.result:
                 r["wall_s"] = wall
-            return res
-    last = (stderr.strip().splitlines() or ["?"])[-1]
-    alloc = re.search(r"allocate (\d+) bytes", last)
-    why = (
-        reason[0] if reason else f"alloc of {int(alloc[1]) / 2**30:.0f} GB failed" if alloc else f"failed: {last[:60]}"
-    )
-    return [{"impl": impl, "phase": phase, "n": n, "out_of_reach": why, "wall_s": wall} for n in ns]
+            return self.result
+        last = ("".join(self.stderr).strip().splitlines() or ["?"])[-1]
+        alloc = re.search(r"allocate (\d+) bytes", last)
+        why = (
+            self.reason[0]
+            if self.reason
+            else f"alloc of {int(alloc[1]) / 2**30:.0f} GB failed"
+            if alloc
+            else f"failed: {last[:60]}"
+        )
+        return [{"impl": self.impl, "phase": self.phase, "n": n, "out_of_reach": why, "wall_s": wall} for n in self.ns]
+
+
+def _median(ts: list[float]) -> float:
+    return sorted(ts)[len(ts) // 2]
+
+
+def run_decode(args, ckpt: Path, has_native: bool) -> list[dict]:
+    """Our decode worker holds every length and stays up while native's workers (one per length: its 16K state is
+    most of this box) come and go. Each round steps ours at every length, then native at its length, so that load
+    from outside hits both implementations and all lengths alike. Ours' median per length is over all its rounds;
+    against native at a length, ours' median over the rounds paired with that native worker is reported too.
+
+    At each hand-over the driver waits ``--switch-gap`` seconds, for the other worker's OpenMP threads to stop
+    spinning, and the worker takes one untimed step first, so that every timed step follows a step of its own
+    worker, as in ``generate()``. Without these the first step after a hand-over ran ~30 % slower."""
+    ns = args.decode
+    rounds = 2 * args.steps * (len(ns) + 1) + args.warmup
+    ours = Phase(args, "ours", "decode", ns, ckpt, rounds, args.timeout * (len(ns) + 1))
+    times: dict[int, list[float]] = {n: [] for n in ns}
+    native_results: list[dict] = []
+
+    def ours_round() -> list[float] | None:
+        time.sleep(args.switch_gap)
+        ours.step(0)  # lead-in
+        ts = [ours.step(j) for j in range(len(ns))]
+        if None in ts:
+            return None
+        for n, t in zip(ns, ts, strict=True):
+            times[n].append(t)
+        return ts
+
+    alive = ours.ready() and all(ours.step(j) is not None for j in range(len(ns)) for _ in range(args.warmup))
+    for i, n in enumerate(ns if has_native and alive else []):
+        native = Phase(args, "native", "decode", [n], ckpt, 2 * args.steps + args.warmup, args.timeout)
+        paired, nt = [], []
+        if native.ready() and all(native.step(0) is not None for _ in range(args.warmup)):
+            for _ in range(args.steps):
+                ts = ours_round()
+                time.sleep(args.switch_gap)
+                native.step(0)  # lead-in
+                t = native.step(0)
+                if ts is None or t is None:
+                    break
+                paired.append(ts[i])
+                nt.append(t)
+        res = native.finish()
+        if nt and "out_of_reach" not in res[0]:
+            res[0].update(step_s=_median(nt), step_min_s=min(nt), steps_s=nt)
+            res[0].update(ours_step_s=_median(paired), ours_step_min_s=min(paired), ours_steps_s=paired)
+        native_results += res
+    if alive and not any(times.values()):  # no native worker to pair with: ours alone, lengths interleaved
+        for _ in range(args.steps):
+            if ours_round() is None:
+                break
+    ours_results = ours.finish()
+    for r in ours_results:
+        if times.get(r["n"]) and "out_of_reach" not in r:
+            ts = times[r["n"]]
+            r.update(step_s=_median(ts), step_min_s=min(ts), steps_s=ts, interleaved_with=ns)
+    return ours_results + native_results
+
+
+def run_phase(args, impl: str, phase: str, ns: list[int], ckpt: Path) -> list[dict]:
+    return Phase(args, impl, phase, ns, ckpt, args.steps, args.timeout).finish()
 
 
 def build_checkpoint(out: Path) -> None:
@@ -255,7 +376,7 @@ def report(results: list[dict]) -> list[str]:
         return next((r for r in results if (r["impl"], r["phase"], r["n"]) == (impl, phase, n)), None)
 
     rows: list[tuple[str, object, object, str]] = []
-    lines = [f"{'metric':34s} {'ours':>16s} {'native':>22s} {'ours/native':>12s}"]
+    lines = [f"{'metric':44s} {'ours':>16s} {'native':>22s} {'ours/native':>12s}"]
     paths = sorted({r["kernels"] for r in results if "kernels" in r})
     if paths:  # numba kernels (the `fast` extra) or the PyTorch ops
         lines.insert(0, f"ours: cache decode lookups via {' / '.join(paths)}")
@@ -283,6 +404,8 @@ def report(results: list[dict]) -> list[str]:
             a, b = get("ours", phase, n), get("native", phase, n)
             if a is None and b is None:
                 continue
+            if a and b and b.get("ours_" + key) is not None:  # ours over the rounds it took turns with native
+                a = {**a, key: b["ours_" + key]}
             if (
                 phase == "prefill"
                 and key == "cache_bytes"
@@ -293,6 +416,7 @@ def report(results: list[dict]) -> list[str]:
             sb, vb = cell(b, key, unit, n if per else None)
             ratio = f"{va / vb:.3f}x" if va and vb else "-"
             synth = " (sized)" if a and a.get("synthesized") and key.startswith("step") else ""
+            synth += " (paired)" if b and b.get("ours_" + key) is not None else ""
             rows.append((label.format(n=n) + synth, sa, sb, ratio))
     # Marginal bytes per token (slope between the shortest and longest reached contexts): the fixed-size part
     # (windows, compressor rows, crop history) drops out.
@@ -321,7 +445,7 @@ def report(results: list[dict]) -> list[str]:
             f"{r['step_s'] / base['step_s']:.3f}x", f"min {r['step_min_s'] / base['step_min_s']:.3f}x", "-",
         ))  # fmt: skip
     for label, sa, sb, ratio in rows:
-        lines.append(f"{label:34s} {sa:>16s} {sb:>22s} {ratio:>12s}")
+        lines.append(f"{label:44s} {sa:>16s} {sb:>22s} {ratio:>12s}")
     return lines
 
 
@@ -333,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long", type=int, nargs="*", default=[131072], help="prefill lengths run for ours only")
     parser.add_argument("--chunk", type=int, default=4096, help="our prefill chunk")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per length (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps per length and worker first")
+    parser.add_argument("--switch-gap", type=float, default=0.05, help="seconds between the decode workers' turns")
     parser.add_argument(
         "--real-max", type=int, default=SEED_LEN, help="ours: longest decode context prefilled for real"
     )
@@ -359,22 +485,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tdseek-cache-bench-") as tmp:
         ckpt = Path(tmp) / "model"
         build_checkpoint(ckpt)
-        # Ours decodes every length in one process, steps interleaved; native needs a process per length (its
-        # 16K state alone is most of this box).
-        plan = [("ours", "decode", args.decode)] if args.decode else []
-        plan += [("native", "decode", [n]) for n in args.decode]
-        plan += [(impl, "prefill", [n]) for n in args.prefill for impl in ("ours", "native")]
-        plan += [("ours", "prefill", [n]) for n in args.long]
         results = []
-        for impl, phase, ns in plan:  # sequential: phases must not share the CPUs
-            if impl == "native" and not has_native:
-                continue
-            for res in run_phase(args, impl, phase, ns, ckpt):
-                print(f"  {impl:6s} {phase:7s} {res['n']:>7d}: " + ", ".join(
-                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
-                    if k not in ("impl", "phase", "n", "steps_s", "interleaved_with")
-                ), flush=True)  # fmt: skip
-                results.append(res)
+
+        def show(res: dict) -> None:
+            print(f"  {res['impl']:6s} {res['phase']:7s} {res['n']:>7d}: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+                if k not in ("impl", "phase", "n", "steps_s", "ours_steps_s", "interleaved_with")
+            ), flush=True)  # fmt: skip
+            results.append(res)
+
+        # Phases never share the CPUs: the decode workers take turns step by step, the prefills run one at a time.
+        if args.decode:
+            for res in run_decode(args, ckpt, has_native):
+                show(res)
+        plan = [(impl, n) for n in args.prefill for impl in ("ours", "native") if impl == "ours" or has_native]
+        plan += [("ours", n) for n in args.long]
+        for impl, n in plan:
+            for res in run_phase(args, impl, "prefill", [n], ckpt):
+                show(res)
     print(f"\nconfig: {json.dumps(CONFIG)}")
     print("\n".join(report(results)))
     if args.json:
