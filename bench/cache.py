@@ -10,8 +10,8 @@ with the limit.
 Phases: ``decode`` (reach each N, then time ``--steps`` single-token steps per N after ``--warmup`` untimed ones,
 median) and ``prefill N`` (one prefill of N tokens: time, peak RSS, cache bytes). Ours decodes every N in one
 process; native, whose 16K state fills most of this box, one process per N. Both decode workers stay up and take
-turns step by step (ours at every N, then native at its N, repeat), so that outside load on this noisy box hits both
-implementations and every length alike; the step ratio against native uses our steps from the same rounds
+turns of ``--block`` rounds (ours at every N, then native at its N, repeat), so that outside load on this noisy box
+hits both implementations and every length alike; the step ratio against native uses our steps from the same rounds
 ("paired"). Prefills run one at a time, ours before and after native (mean time, larger RSS). Ours prefills in
 chunks of ``--chunk`` tokens (same results as one prefill). For ours, decode contexts above ``--real-max`` start from
 a cache *sized* as at N tokens (a real 1024-token prefill whose compressed entries are tiled up to N / ratio, lengths
@@ -297,53 +297,59 @@ def _median(ts: list[float]) -> float:
 
 def run_decode(args, ckpt: Path, has_native: bool) -> list[dict]:
     """Our decode worker holds every length and stays up while native's workers (one per length: its 16K state is
-    most of this box) come and go. Each round steps ours at every length, then native at its length, so that load
-    from outside hits both implementations and all lengths alike. Ours' median per length is over all its rounds;
-    against native at a length, ours' median over the rounds paired with that native worker is reported too.
+    most of this box) come and go. The two take turns in blocks of ``--block`` rounds: ours steps every length
+    once per round, then native steps its length as many times, so that load from outside hits both
+    implementations and all lengths alike. Ours' median per length is over all its rounds; against native at a
+    length, ours' median over the rounds paired with that native worker is reported too.
 
     At each hand-over the driver waits ``--switch-gap`` seconds, for the other worker's OpenMP threads to stop
-    spinning, and the worker takes one untimed step on a short cache of its own first, so that every timed step
-    follows a step of its own worker, as in ``generate()``. Without these the first step after a hand-over ran ~30 %
-    slower."""
+    spinning, and the worker takes one untimed step on a short cache of its own first. Within a block the steps run
+    back to back, as in ``generate()``. Turns of one round each (``--block 1``) slowed our steps more than native's:
+    every step found the caches of the CPU filled by the other worker (our 16K step 22-25 ms, 18-21 ms alone)."""
     ns = args.decode
     rounds = args.steps * (len(ns) + 1) + args.warmup
     ours = Phase(args, "ours", "decode", ns, ckpt, rounds, args.timeout * (len(ns) + 1))
     times: dict[int, list[float]] = {n: [] for n in ns}
     native_results: list[dict] = []
 
-    def ours_round() -> list[float] | None:
+    def ours_rounds(count: int) -> list[list[float]] | None:
         time.sleep(args.switch_gap)
         ours.step(-1)  # lead-in
-        ts = [ours.step(j) for j in range(len(ns))]
-        if None in ts:
-            return None
-        for n, t in zip(ns, ts, strict=True):
-            times[n].append(t)
-        return ts
+        out = []
+        for _ in range(count):
+            ts = [ours.step(j) for j in range(len(ns))]
+            if None in ts:
+                return None
+            for n, t in zip(ns, ts, strict=True):
+                times[n].append(t)
+            out.append(ts)
+        return out
+
+    def native_steps(native: Phase, count: int) -> list[float] | None:
+        time.sleep(args.switch_gap)
+        native.step(-1)  # lead-in
+        ts = [native.step(0) for _ in range(count)]
+        return None if None in ts else ts
 
     alive = ours.ready() and all(ours.step(j) is not None for j in range(len(ns)) for _ in range(args.warmup))
     for i, n in enumerate(ns if has_native and alive else []):
         native = Phase(args, "native", "decode", [n], ckpt, args.steps + args.warmup, args.timeout)
         paired, nt = [], []
         if native.ready() and all(native.step(0) is not None for _ in range(args.warmup)):
-            for _ in range(args.steps):
-                ts = ours_round()
-                time.sleep(args.switch_gap)
-                native.step(-1)  # lead-in
-                t = native.step(0)
+            for k0 in range(0, args.steps, args.block):
+                count = min(args.block, args.steps - k0)
+                ts, t = ours_rounds(count), native_steps(native, count)
                 if ts is None or t is None:
                     break
-                paired.append(ts[i])
-                nt.append(t)
+                paired += [r[i] for r in ts]
+                nt += t
         res = native.finish()
         if nt and "out_of_reach" not in res[0]:
             res[0].update(step_s=_median(nt), step_min_s=min(nt), steps_s=nt)
             res[0].update(ours_step_s=_median(paired), ours_step_min_s=min(paired), ours_steps_s=paired)
         native_results += res
     if alive and not any(times.values()):  # no native worker to pair with: ours alone, lengths interleaved
-        for _ in range(args.steps):
-            if ours_round() is None:
-                break
+        ours_rounds(args.steps)
     ours_results = ours.finish()
     for r in ours_results:
         if times.get(r["n"]) and "out_of_reach" not in r:
@@ -480,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per length (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps per length and worker first")
     parser.add_argument("--switch-gap", type=float, default=0.05, help="seconds between the decode workers' turns")
+    parser.add_argument("--block", type=int, default=10, help="decode rounds per turn of each worker")
     parser.add_argument(
         "--real-max", type=int, default=SEED_LEN, help="ours: longest decode context prefilled for real"
     )
