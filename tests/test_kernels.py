@@ -194,6 +194,30 @@ def test_sinkhorn_kernel_matches_the_torch_and_numpy_loops(numba_kernels, monkey
     assert torch.allclose(comb.sum(-2), torch.ones(1, tokens, hc, dtype=torch.float64), atol=1e-5)  # normalised
 
 
+@pytest.mark.parametrize(("bsz", "seqlen", "width", "dim"), [(2, 1, 640, 512), (1, 7, 192, 64)])
+def test_softmax_block_kernel_gives_the_torch_loop_bits(numba_kernels, monkeypatch, bsz, seqlen, width, dim):
+    """The attention's block recurrence in one compiled call equals the PyTorch loop bit for bit: logits whose scale
+    grows from block to block (every rescale factor below one, products that round), empty slots masked."""
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import _blockwise_softmax_pv
+
+    gen = torch.Generator().manual_seed(width)
+    heads = 4
+    growth = torch.linspace(0.5, 8.0, width).view(1, 1, 1, width)
+    logits = torch.randn(bsz, seqlen, heads, width, generator=gen) * growth
+    logits = logits.masked_fill(torch.rand(bsz, seqlen, 1, width, generator=gen) < 0.2, float("-inf"))
+    values = torch.randn(bsz, seqlen, width, dim, generator=gen).bfloat16().float()
+    nb = width // 64
+    running = logits.view(bsz, seqlen, heads, nb, 64).transpose(2, 3).amax(-1).cummax(2).values
+    pv = torch.randn(bsz, seqlen, nb, heads, dim, generator=gen)
+    alpha = torch.exp(running[:, :, :-1] - running[:, :, 1:])
+    assert (alpha < 1).any()
+    assert kernels.softmax_blocks(pv, torch.rand(bsz, seqlen, nb, heads, generator=gen), alpha) is not None
+    fast = _blockwise_softmax_pv(logits, values, torch.exp)
+    slow = _torch_path(monkeypatch, _blockwise_softmax_pv, logits, values, torch.exp)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 @pytest.mark.parametrize(("bsz", "seqlen", "entries", "key_slice"), [(1, 1, 4096, 8192), (2, 5, 3000, 1024)])
 def test_fused_indexer_keys_select_what_the_torch_scores_select(
     numba_kernels, monkeypatch, bsz, seqlen, entries, key_slice

@@ -169,6 +169,25 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
                     order = signed ^ np.int32(0x7FFF) if signed < np.int32(0) else signed
                     out[j] = (order << np.int32(16)) | (np.int32(0xFFFF) - np.int32(first + j))
 
+    @numba.njit(cache=True, boundscheck=False)
+    def softmax_blocks(pv, psum, alpha, acc, denom):  # pragma: no cover - compiled
+        # The attention's rescale-and-add recurrence over 64-slot blocks, for rows r: pv [R, nb, H, D], psum [R, nb, H],
+        # alpha [R, nb - 1, H] fp32 in; acc [R, H, D], denom [R, H] fp32 out. Block k > 0: acc = acc * alpha + pv,
+        # denom = denom * alpha + psum, each product and sum rounded to fp32 on its own (no fused multiply-add), as
+        # the PyTorch ops of the loop do.
+        for r in range(pv.shape[0]):
+            for h in range(pv.shape[2]):
+                out = acc[r, h]
+                out[:] = pv[r, 0, h]
+                den = psum[r, 0, h]
+                for k in range(1, pv.shape[1]):
+                    a = alpha[r, k - 1, h]
+                    den = den * a + psum[r, k, h]
+                    row = pv[r, k, h]
+                    for d in range(out.shape[0]):
+                        out[d] = out[d] * a + row[d]
+                denom[r, h] = den
+
     return {
         "e2m1_pairs": e2m1_pairs,
         "e2m1_pairs_parallel": e2m1_pairs_parallel,
@@ -177,6 +196,7 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
         "e4m3_blocks_bf16": e4m3_blocks_bf16,
         "sinkhorn": sinkhorn,
         "index_score_keys": index_score_keys,
+        "softmax_blocks": softmax_blocks,
     }
 
 
@@ -312,3 +332,33 @@ def index_score_keys(
         scores.view(torch.uint16).numpy(), weights.float().numpy(), visible.numpy(), first, out.numpy()
     )
     return True
+
+
+def softmax_blocks(
+    pv: torch.Tensor, psum: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sparse attention's recurrence over its ``nb`` blocks of 64 slots: from the blocks' fp32 ``pv [..., nb, H,
+    D]`` (P.V), ``psum [..., nb, H]`` (row sums of P) and ``alpha [..., nb - 1, H]`` (the rescale from each block's
+    running max to the next's), ``acc [..., H, D]`` and ``denom [..., H]`` with ``acc = acc * alpha + pv`` and
+    ``denom = denom * alpha + psum`` block after block (fp32, no fused multiply-add: the PyTorch loop's bits). None
+    when the kernels are unavailable or the tensors do not suit them (not on the CPU, not fp32, in an autograd
+    graph)."""
+    compiled = _compiled()
+    tensors = (pv, psum, alpha)
+    if compiled is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    if any(t.requires_grad for t in tensors) or pv.dim() < 3:
+        return None
+    lead, (nb, heads, dim) = pv.shape[:-3], pv.shape[-3:]
+    if nb < 2 or psum.shape != (*lead, nb, heads) or alpha.shape != (*lead, nb - 1, heads):
+        return None
+    acc = pv.new_empty(*lead, heads, dim)
+    denom = pv.new_empty(*lead, heads)
+    compiled["softmax_blocks"](
+        pv.reshape(-1, nb, heads, dim).numpy(),
+        psum.reshape(-1, nb, heads).numpy(),
+        alpha.reshape(-1, nb - 1, heads).numpy(),
+        acc.view(-1, heads, dim).numpy(),
+        denom.view(-1, heads).numpy(),
+    )
+    return acc, denom

@@ -260,6 +260,9 @@ def _blockwise_softmax_pv(logits: torch.Tensor, values: torch.Tensor, exp: Calla
     acc, denom = pv[:, :, 0], psum[:, :, 0]
     if nb > 1:
         alpha = exp(running[:, :, :-1] - running[:, :, 1:])
+        fused = kernels.softmax_blocks(pv, psum, alpha)  # the loop below in one compiled call (same bits)
+        if fused is not None:
+            return *fused, running[:, :, -1]
         # views of every block taken once (a decode step walks ~10 blocks per layer)
         alphas, columns = alpha.unbind(2), alpha.unsqueeze(-1).unbind(2)
         blocks = zip(alphas, columns, pv[:, :, 1:].unbind(2), psum[:, :, 1:].unbind(2), strict=True)
