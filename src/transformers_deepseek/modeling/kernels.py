@@ -171,10 +171,10 @@ def _compiled() -> dict[str, Callable[..., None]] | None:
 
     @numba.njit(cache=True, boundscheck=False)
     def softmax_blocks(pv, psum, alpha, acc, denom):  # pragma: no cover - compiled
-        # The attention's rescale-and-add recurrence over 64-slot blocks, for rows r: pv [R, nb, H, D], psum [R, nb, H],
-        # alpha [R, nb - 1, H] fp32 in; acc [R, H, D], denom [R, H] fp32 out. Block k > 0: acc = acc * alpha + pv,
-        # denom = denom * alpha + psum, each product and sum rounded to fp32 on its own (no fused multiply-add), as
-        # the PyTorch ops of the loop do.
+        # The attention's rescale-and-add recurrence over 64-slot blocks, for rows r: pv [R, nb, H, D], psum [R, nb,
+        # H], alpha [R, nb - 1, H] fp32 in; acc [R, H, D], denom [R, H] fp32 out. Block k > 0: acc = acc * alpha +
+        # pv, denom = denom * alpha + psum, each product and sum rounded to fp32 on its own (no fused multiply-add),
+        # as the PyTorch ops of the loop do.
         for r in range(pv.shape[0]):
             for h in range(pv.shape[2]):
                 out = acc[r, h]
