@@ -8,9 +8,6 @@ fp32 norms / hyper-connection mixers / compressor projections / attention sinks 
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -1089,32 +1086,6 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
             init.ones_(module.hc_head_scale)
 
 
-RELEASE_MIN_TOKENS = 1024  # forwards of at least this many tokens (batch x sequence) hand freed heap back
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None off glibc."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_heap() -> bool:
-    """Give the pages of freed heap blocks back to the OS (glibc ``malloc_trim(0)``; False elsewhere).
-
-    A long prefill allocates per chunk and layer buffers that grow with the context (every stored entry decoded,
-    scores over every key). glibc keeps the freed blocks resident and, once its mmap threshold has risen, serves the
-    next, larger requests from fresh heap: on the ``bench/cache.py`` config a 128K-token prefill's RSS climbed in
-    steps to 3.6 GB by 45K tokens (peaks of 2.0-4.7 GB over six runs), against 1.7 GB when released after every
-    chunk."""
-    trim = _malloc_trim()
-    return bool(trim is not None and trim(0) is not None)
-
-
 class DeepseekV4Model(DeepseekV4PreTrainedModel):
     """Embedding, decoder layers with hyper-connections, ``hc_head`` and final norm (no LM head)."""
 
@@ -1179,7 +1150,6 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         chunk = self._chunk_state(attention_mask, cache, bsz, seqlen, embeds.device)
         streams = embeds.unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)  # [B, S, hc, dim]
         all_streams = [streams] if output_hidden_states else None
-        release = embeds.device.type == "cpu" and bsz * seqlen >= RELEASE_MIN_TOKENS  # see release_freed_heap
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and state is None:
@@ -1188,8 +1158,6 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
                 streams = layer(streams, chunk, input_ids, state)
             if all_streams is not None:
                 all_streams.append(streams)
-            if release:
-                release_freed_heap()
         if cache is not None:
             cache.commit(chunk.new_len, seqlen)
         hidden = hc_head_reduce(
