@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             ), flush=True)  # fmt: skip
             results.append(res)
 
-        # Phases never share the CPUs: the decode workers take turns step by step, the prefills run one at a time.
+        # Phases never share the CPUs: the decode workers take turns of --block rounds, the prefills run one at a time.
         if args.decode:
             for res in run_decode(args, ckpt, has_native):
                 show(res)
