@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformers_deepseek.modeling.numerics import linear, pointwise, rsqrt, topk_indices
+from transformers_deepseek.modeling.numerics import linear, pointwise, row_bucket, rsqrt, topk_indices
 
 FUNCTIONS = {
     "exp": torch.exp,
@@ -146,6 +146,45 @@ def test_moe_of_one_token_equals_its_row_of_a_batch(layer):
         batch = moe(x, ids)
         for t in range(tokens):
             assert torch.equal(moe(x[:, t : t + 1], ids[:, t : t + 1]), batch[:, t : t + 1]), t
+
+
+def test_row_bucket_keeps_few_gemm_shapes_at_little_extra_work():
+    buckets = [row_bucket(m) for m in range(1, 8193)]
+    assert all(m <= b <= m * 1.125 for m, b in enumerate(buckets, 1))
+    assert buckets == sorted(buckets) and all(row_bucket(b) == b for b in buckets)
+    assert buckets[:16] == list(range(1, 17))  # small counts run as they are
+    assert len(set(buckets[:4096])) <= 80  # vs 4096 shapes, each a JIT-compiled oneDNN GEMM in bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_runs_experts_at_bucketed_row_counts_with_the_rows_unchanged(dtype, monkeypatch):
+    """A prefill's experts see row counts of numerics.row_bucket only, and padding changes no row's bits."""
+    from transformers_deepseek import DeepseekV4Config
+    from transformers_deepseek.modeling import modeling_deepseek_v4
+    from transformers_deepseek.modeling.modeling_deepseek_v4 import DeepseekV4MoE
+
+    torch.manual_seed(0)
+    config = DeepseekV4Config(
+        vocab_size=64, hidden_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        num_hash_layers=0, num_hidden_layers=1, compress_ratios=[0, 0],
+    )  # fmt: skip
+    moe = DeepseekV4MoE(config, 0).to(dtype)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    rows_seen: list[int] = []
+    for expert in moe.experts:
+        expert.w1.register_forward_pre_hook(lambda _, args: rows_seen.append(args[0].shape[0]))
+    x = torch.randn(1, 300, 64).to(dtype)
+    with torch.no_grad():
+        bucketed = [moe(x[:, :n], None) for n in (40, 77, 150, 300)]
+        assert rows_seen and all(row_bucket(m) == m for m in rows_seen)
+        routed = [moe.gate(x[0, :n], None)[1] for n in (40, 77, 150, 300)]
+        counts = [c for ids in routed for c in torch.bincount(ids.flatten()).tolist()]
+        assert any(row_bucket(c) != c for c in counts)  # some expert's rows were padded
+        monkeypatch.setattr(modeling_deepseek_v4, "row_bucket", lambda m: m)
+        plain = [moe(x[:, :n], None) for n in (40, 77, 150, 300)]
+    for a, b in zip(bucketed, plain, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_sinkhorn_of_few_tokens_equals_its_rows_of_a_long_call():

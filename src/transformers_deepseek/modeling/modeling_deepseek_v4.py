@@ -39,6 +39,7 @@ from .numerics import (
     linear,
     pointwise,
     rope_cis,
+    row_bucket,
     rsqrt,
     topk_indices,
     yarn_inv_freq,
@@ -816,8 +817,12 @@ class DeepseekV4MoE(nn.Module):
                 if count == 0 or e not in self.local_experts:
                     continue
                 rows, slot = torch.where(indices == e)
+                xr, wr = xe[rows], we[rows, slot, None]
+                if row_bucket(count) > count:  # a GEMM shape of a few (numerics.row_bucket); zero rows, dropped
+                    pad = (0, 0, 0, row_bucket(count) - count)
+                    xr, wr = F.pad(xr, pad), F.pad(wr, pad)
                 # Same indexed update as the official code (a token listing an expert twice is written once).
-                y[rows] += self.experts[e](xe[rows], we[rows, slot, None])
+                y[rows] += self.experts[e](xr, wr)[:count]
         if self.expert_group is not None:
             # The official expert-parallel reduction: one fp32 all-reduce of the partial sums, before the shared
             # expert. Exact for top-2 routing on 2 ranks (a + b == b + a); fp32 reassociation otherwise.

@@ -232,6 +232,19 @@ def _gemm_rows(fn, flat: torch.Tensor) -> torch.Tensor:
     return fn(torch.nn.functional.pad(flat, (0, 0, 0, -m % 4)))[:m]
 
 
+def row_bucket(m: int) -> int:
+    """The row count to run an ``m``-row GEMM at: ``m`` itself up to 16, above that ``m`` rounded up to one of 8 steps
+    per power of two (at most 1/8 extra rows). For the experts of a prefill, whose row counts change from call to
+    call: oneDNN builds, JIT-compiles and caches a bf16 GEMM per row count (~1 MB each, up to 1024 of them), so
+    unbucketed counts grow the process by about a gigabyte over a long prefill; bucketed, the shapes in use are a few
+    dozen. The padding rows are zeros and their results are dropped; the other rows do not depend on the row count
+    (bf16 GEMMs at every ``m``, fp32 ones through :func:`linear`)."""
+    if m <= 16:
+        return m
+    step = 1 << (m.bit_length() - 4)  # 1/8 of the power of two below m
+    return -(-m // step) * step
+
+
 def _order_preserving_int(x: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """Integer keys (``dtype``) ordered as the floats ``x`` (bf16 / fp16 / fp32; NaN not supported)."""
     if x.dtype in (torch.bfloat16, torch.float16):
