@@ -202,12 +202,25 @@ def sparse_attention(
     k_total = sum(idx.shape[-1] for _, idx in sources)
     chunk = max(1, _QUERY_CHUNK_ELEMS // max(1, bsz * k_total * dim))
     width = k_total + (-k_total % ATTN_INDEX_BLOCK if batch_invariant else 0)
-    outs = []
+    out = q.new_empty(bsz, seqlen, heads, dim)
+    # Without autograd (which saves each chunk's keys) one key buffer serves every query chunk. Fresh buffers per
+    # chunk fragment glibc's heap: the output rows of one chunk land in the hole the last buffer left, the next buffer
+    # no longer fits there and takes new pages (a 128K prefill's RSS grew by gigabytes that way).
+    rows = min(chunk, seqlen)
+    reuse = not torch.is_grad_enabled()
+    if reuse:
+        key_buf = q.new_empty(bsz * rows * width * dim, dtype=torch.float32)
+        valid_buf = torch.empty(bsz * rows * width, dtype=torch.bool, device=q.device)
     for s0 in range(0, seqlen, chunk):
         s1 = min(seqlen, s0 + chunk)
+        n = s1 - s0
         # One fp32 buffer filled source by source (a single upcasting copy); empty slots are zero keys, masked.
-        gathered = q.new_empty(bsz, s1 - s0, width, dim, dtype=torch.float32)  # [B, s, K, D]
-        valid = torch.zeros(bsz, s1 - s0, width, dtype=torch.bool, device=q.device)
+        if reuse:
+            gathered = key_buf[: bsz * n * width * dim].view(bsz, n, width, dim)  # [B, s, K, D]
+            valid = valid_buf[: bsz * n * width].view(bsz, n, width)
+        else:
+            gathered = q.new_empty(bsz, n, width, dim, dtype=torch.float32)
+            valid = torch.empty(bsz, n, width, dtype=torch.bool, device=q.device)
         k0 = 0
         for fill, idx in sources:
             part = idx[:, s0:s1]
@@ -215,13 +228,14 @@ def sparse_attention(
             valid[:, :, k0 : k0 + part.shape[-1]] = part >= 0
             k0 += part.shape[-1]
         gathered[:, :, k_total:] = 0.0
-        logits = torch.einsum("bshd,bskd->bshk", q[:, s0 : s0 + chunk].float(), gathered) * scale
+        valid[:, :, k_total:] = False
+        logits = torch.einsum("bshd,bskd->bshk", q[:, s0:s1].float(), gathered) * scale
         logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
         softmax = _blockwise_softmax_pv if batch_invariant else _online_softmax_pv
         acc, denom, running_max = softmax(logits, gathered, exp)
         denom = denom + exp(sink.float().view(1, 1, heads) - running_max)
-        outs.append((acc / denom.unsqueeze(-1)).to(q.dtype))
-    return torch.cat(outs, dim=1)
+        out[:, s0:s1] = acc / denom.unsqueeze(-1)  # rounded to bf16 on the copy
+    return out
 
 
 def _online_softmax_pv(logits: torch.Tensor, values: torch.Tensor, exp: Callable) -> tuple[torch.Tensor, ...]:
@@ -536,7 +550,8 @@ class DeepseekV4Indexer(nn.Module):
         fused = fused and kernels.available()
         # equal slices of about _INDEX_KEY_SLICE keys (no short last slice paying a slice's fixed cost)
         key_slice = -(-n // max(1, round(n / _INDEX_KEY_SLICE)))
-        out = []
+        out = positions.new_empty(bsz, seqlen, k)  # written in place: see sparse_attention on heap holes
+        order = torch.empty(bsz, min(chunk, seqlen), n, dtype=torch.int32, device=x.device) if fused else None
         for s0 in range(0, seqlen, chunk):
             # [B, s, H, d] x keys [B, n, d] -> [B, s, H, n] in the official layout: the sum over heads runs over a
             # strided dim, one head after the other. The keys enter bmm as a transposed view (no copy; matmul would
@@ -545,22 +560,22 @@ class DeepseekV4Indexer(nn.Module):
             qf, w = qc.flatten(1, 2), weights[:, s0 : s0 + chunk].unsqueeze(-1)
             visible = (positions[:, s0 : s0 + chunk] + 1) // self.ratio  # entries i < visible are complete
             parts = []
-            order = torch.empty(bsz, qc.shape[1], n, dtype=torch.int32, device=x.device) if fused else None
+            order_c = order[:, : qc.shape[1]] if order is not None else None
             for k0 in range(0, n, key_slice):
                 k1 = min(n, k0 + key_slice)
                 part = torch.bmm(qf, keys(k0, k1).transpose(1, 2)).unflatten(1, qc.shape[1:3])  # [B, s, H, slice]
-                if order is None:
+                if order_c is None:
                     parts.append((part.relu_() * w).sum(dim=2))  # [B, s, slice] bf16
-                elif not kernels.index_score_keys(part, w[..., 0], visible, k0, order[..., k0:k1]):
+                elif not kernels.index_score_keys(part, w[..., 0], visible, k0, order_c[..., k0:k1]):
                     raise RuntimeError("index_score_keys refused the indexer scores")  # `fused` checks what it needs
-            if order is not None:
-                top = order.topk(k, dim=-1).indices
+            if order_c is not None:
+                top = order_c.topk(k, dim=-1).indices
             else:
                 score = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
                 hidden = torch.arange(n, device=x.device) >= visible.unsqueeze(-1)
                 top = topk_indices(score.masked_fill(hidden, float("-inf")), k, self.batch_invariant)
-            out.append(torch.where(top >= visible.unsqueeze(-1), -1, top))
-        return torch.cat(out, dim=1)
+            out[:, s0 : s0 + chunk] = torch.where(top >= visible.unsqueeze(-1), -1, top)
+        return out
 
 
 class DeepseekV4Attention(nn.Module):
