@@ -110,6 +110,29 @@ def test_indexer_scores_keys_a_slice_at_a_time_with_the_same_result(bf16, monkey
     assert torch.equal(run(), whole)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_attention_and_indexer_give_the_same_result_in_query_chunks(bf16, monkeypatch, grad):
+    """Sparse attention and the indexer work through their queries in chunks, and without autograd reuse one buffer
+    for every chunk: chunks of 1 query up to a few dozen (ragged last chunks, two rows) give the logits of one chunk
+    bit for bit, for a chunked prefill and decode steps."""
+    from transformers_deepseek.modeling import modeling_deepseek_v4
+
+    model, golden = bf16
+    ids = golden.input_ids[:, :140]
+
+    def run():
+        cache = DeepseekV4Cache(config=model.config)
+        with torch.set_grad_enabled(grad):
+            out = [model(ids[:, a:b], past_key_values=cache).logits for a, b in ((0, 70), (70, 130))]
+            out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(130, 140)]
+        return torch.cat(out, dim=1).detach()
+
+    whole = run()
+    for elems in (1, 2_000, 20_000, 150_000):
+        monkeypatch.setattr(modeling_deepseek_v4, "_QUERY_CHUNK_ELEMS", elems)
+        assert torch.equal(run(), whole), elems
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.lists(st.integers(1, 119), min_size=1, max_size=3, unique=True))
 def test_chunked_prefill_and_decode_match_one_prefill(bf16, cuts):
