@@ -313,9 +313,12 @@ def run_decode(args, ckpt: Path, has_native: bool) -> list[dict]:
     times: dict[int, list[float]] = {n: [] for n in ns}
     native_results: list[dict] = []
 
-    def ours_rounds(count: int) -> list[list[float]] | None:
+    def hand_over(worker: Phase) -> None:
         time.sleep(args.switch_gap)
-        ours.step(-1)  # lead-in
+        worker.step(-1)  # lead-in
+
+    def ours_rounds(count: int) -> list[list[float]] | None:
+        hand_over(ours)
         out = []
         for _ in range(count):
             ts = [ours.step(j) for j in range(len(ns))]
@@ -327,8 +330,7 @@ def run_decode(args, ckpt: Path, has_native: bool) -> list[dict]:
         return out
 
     def native_steps(native: Phase, count: int) -> list[float] | None:
-        time.sleep(args.switch_gap)
-        native.step(-1)  # lead-in
+        hand_over(native)
         ts = [native.step(0) for _ in range(count)]
         return None if None in ts else ts
 

@@ -207,20 +207,16 @@ def sparse_attention(
     # chunk fragment glibc's heap: the output rows of one chunk land in the hole the last buffer left, the next buffer
     # no longer fits there and takes new pages (a 128K prefill's RSS grew by gigabytes that way).
     rows = min(chunk, seqlen)
-    reuse = not torch.is_grad_enabled()
-    if reuse:
-        key_buf = q.new_empty(bsz * rows * width * dim, dtype=torch.float32)
-        valid_buf = torch.empty(bsz * rows * width, dtype=torch.bool, device=q.device)
+    fresh_per_chunk = torch.is_grad_enabled()
     for s0 in range(0, seqlen, chunk):
         s1 = min(seqlen, s0 + chunk)
         n = s1 - s0
+        if s0 == 0 or fresh_per_chunk:
+            key_buf = q.new_empty(bsz * rows * width * dim, dtype=torch.float32)
+            valid_buf = torch.empty(bsz * rows * width, dtype=torch.bool, device=q.device)
         # One fp32 buffer filled source by source (a single upcasting copy); empty slots are zero keys, masked.
-        if reuse:
-            gathered = key_buf[: bsz * n * width * dim].view(bsz, n, width, dim)  # [B, s, K, D]
-            valid = valid_buf[: bsz * n * width].view(bsz, n, width)
-        else:
-            gathered = q.new_empty(bsz, n, width, dim, dtype=torch.float32)
-            valid = torch.empty(bsz, n, width, dtype=torch.bool, device=q.device)
+        gathered = key_buf[: bsz * n * width * dim].view(bsz, n, width, dim)  # [B, s, K, D]
+        valid = valid_buf[: bsz * n * width].view(bsz, n, width)
         k0 = 0
         for fill, idx in sources:
             part = idx[:, s0:s1]
@@ -833,9 +829,9 @@ class DeepseekV4MoE(nn.Module):
                     continue
                 rows, slot = torch.where(indices == e)
                 xr, wr = xe[rows], we[rows, slot, None]
-                if row_bucket(count) > count:  # a GEMM shape of a few (numerics.row_bucket); zero rows, dropped
-                    pad = (0, 0, 0, row_bucket(count) - count)
-                    xr, wr = F.pad(xr, pad), F.pad(wr, pad)
+                padded = row_bucket(count)  # a GEMM shape of a few (numerics.row_bucket); zero rows, dropped
+                if padded > count:
+                    xr, wr = F.pad(xr, (0, 0, 0, padded - count)), F.pad(wr, (0, 0, 0, padded - count))
                 # Same indexed update as the official code (a token listing an expert twice is written once).
                 y[rows] += self.experts[e](xr, wr)[:count]
         if self.expert_group is not None:
